@@ -1,0 +1,55 @@
+"""The prefix-LM attention mask: one formula for training, prefill and cached decoding.
+
+PaliGemma's sequence is  [image tokens, <bos>, prompt, "\\n"] (the prefix, token_type 0) followed by
+the suffix (token_type 1). With q, k indices into the same sequence (or KV-cache slots):
+
+    allowed(q, k) = valid[k] and ( causal(q, k) or (prefix[q] and prefix[k]) )
+    causal(q, k)  = k <= q  and  (no window  or  k > q - window)
+
+so the prefix attends to the whole prefix in both directions, the suffix is causal, and padding is
+never attended. Drawn for a prefix of 3 and a suffix of 2 (rows = queries):
+
+    1 1 1 . .
+    1 1 1 . .
+    1 1 1 . .
+    1 1 1 1 .
+    1 1 1 1 1
+
+Sliding-window layers (Gemma 2) follow transformers 5.23: the window only narrows the causal part,
+so prefix tokens still see the whole prefix. The window is in index space, which equals position
+space for real tokens because padding is only ever at the ends. A query that may attend to nothing
+(a padding query) is allowed its own slot so that softmax stays finite; its output is never used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prefix_lm_mask(
+    kv_valid: torch.Tensor,   # bool (B, S): slot holds a real token
+    kv_prefix: torch.Tensor,  # bool (B, S): slot holds a prefix token
+    q_index: torch.Tensor,    # long (Tq,): slot index of each query
+    q_prefix: torch.Tensor,   # bool (B, Tq): query is a prefix token
+    window: int | None = None,
+) -> torch.Tensor:            # bool (B, 1, Tq, S)
+    k = torch.arange(kv_valid.shape[1], device=kv_valid.device)  # (S,)
+    q = q_index[:, None]                                          # (Tq, 1)
+    causal = k <= q
+    if window is not None:
+        causal = causal & (k > q - window)
+    bidirectional = q_prefix[:, :, None] & kv_prefix[:, None, :]  # (B, Tq, S)
+    allowed = kv_valid[:, None, :] & (causal | bidirectional)
+    allowed = allowed | (k == q)  # padding queries see themselves (see module docstring)
+    return allowed[:, None]
+
+
+def sequence_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The mask of a whole sequence attending to itself (training, uncached forward, prefill).
+
+    attention_mask, token_type_ids: (B, T) as the processor returns them. Returns bool (B, 1, T, T).
+    """
+    valid = attention_mask.bool()
+    prefix = valid & (token_type_ids == 0)
+    index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return prefix_lm_mask(valid, prefix, index, prefix, window)

@@ -1,0 +1,126 @@
+"""PaliGemma: SigLIP vision tower -> linear projector -> Gemma decoder, with prefix-LM attention.
+
+    image (B, 3, S, S) --vision--> (B, N, Dv) --projector--> (B, N, D)
+    input_ids (B, T) with N `<image>` ids per image --embed--> (B, T, D), image rows replaced by the
+    projector output (not scaled by sqrt(D), as in big_vision and transformers >= 5.4)
+    --decoder (masks.py prefix-LM mask, RoPE positions = cumulative count of attention_mask)--> logits
+
+Module and parameter names are the Hugging Face Hub checkpoint keys (`vision_tower.vision_model.*`,
+`multi_modal_projector.linear.*`, `language_model.model.*`), so loading is a plain strict load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import weights
+from .config import PaliGemmaConfig
+from .gemma import GemmaDecoder
+from .masks import sequence_mask
+from .vision import SiglipVisionModel
+
+
+@dataclass
+class PaliGemmaOutput:
+    logits: torch.Tensor  # (B, T, vocab_size)
+
+
+class Projector(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = nn.ModuleDict({"vision_model": SiglipVisionModel(config.vision_config)})
+        self.multi_modal_projector = Projector(config)
+        self.language_model = nn.ModuleDict({"model": GemmaDecoder(config.text_config)})
+
+    @property
+    def vision(self) -> SiglipVisionModel:
+        return self.vision_tower["vision_model"]
+
+    @property
+    def decoder(self) -> GemmaDecoder:
+        return self.language_model["model"]
+
+    # ---------------------------------------------------------------- forward pieces
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (I, 3, S, S) -> projected image tokens (I, N, D)."""
+        return self.multi_modal_projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> embeddings (B, T, D), image ids replaced by image features in order."""
+        image_mask = input_ids == self.config.image_token_index                # (B, T)
+        x = self.decoder.embed(input_ids.masked_fill(image_mask, 0))           # (B, T, D)
+        n_image_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            if n_image_tokens:
+                raise ValueError(f"input_ids hold {n_image_tokens} <image> tokens but no pixel_values were given")
+            return x
+        features = self.image_features(pixel_values)                          # (I, N, D)
+        if n_image_tokens != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"input_ids hold {n_image_tokens} <image> tokens but pixel_values has {features.shape[0]} image(s) "
+                f"of {features.shape[1]} tokens each = {features.shape[0] * features.shape[1]}")
+        return x.masked_scatter(image_mask[..., None], features.to(x.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,                     # long (B, T)
+        pixel_values: torch.Tensor | None = None,    # float (I, 3, S, S)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; default all ones
+        token_type_ids: torch.Tensor | None = None,  # (B, T), 0 = prefix, 1 = suffix; default all prefix
+    ) -> PaliGemmaOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+        x = self.embed(input_ids, pixel_values)
+        positions = attention_mask.long().cumsum(-1)  # 1-based count of real tokens, as transformers / big_vision
+        masks = {w: sequence_mask(attention_mask, token_type_ids, w) for w in self.decoder.windows}
+        return PaliGemmaOutput(logits=self.decoder.logits(self.decoder(x, positions, masks)))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        use_sliding_window: bool = True,
+    ) -> "PaliGemma":
+        """Load a Hugging Face layout checkpoint directory (config.json + safetensors).
+
+        The model is built on the meta device and the file tensors are assigned to it, converted
+        to `dtype` one at a time: no second copy of the weights is ever made.
+        `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
+        """
+        path = Path(path)
+        config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
+        with torch.device("meta"):
+            model = cls(config)
+        state = weights.load_state_dict(path, dtype=dtype, device=device)
+        weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and the Hub-layout safetensors that transformers and nanopali load."""
+        self.config.save_pretrained(path)
+        weights.save_state_dict(self.state_dict(), path, max_shard_size)
