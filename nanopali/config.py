@@ -48,7 +48,7 @@ _IGNORED_KEYS = {
     "image_token_index", "image_token_id", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
     "tokenizer_class", "prefix", "task_specific_params", "max_length", "min_length",
     "use_sliding_window", "sliding_window_pattern", "head_dim_override", "boi_token_index",
-    "eoi_token_index", "mm_tokens_per_image", "keys_to_ignore_at_inference",
+    "eoi_token_index", "mm_tokens_per_image", "keys_to_ignore_at_inference", "num_positions",
 }
 _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is Gemma's legacy spelling of tanh-gelu
 
@@ -182,9 +182,10 @@ class PaliGemmaConfig:
         top_vocab = d.get("vocab_size")
         if top_vocab is not None and top_vocab != text.vocab_size and "vocab_size" in d["text_config"]:
             raise ConfigError(f"{source}: vocab_size {top_vocab} contradicts text_config.vocab_size {text.vocab_size}")
-        for key in ("projection_dim", "hidden_size"):
-            if key in d and d[key] != text.hidden_size:
-                raise ConfigError(f"{source}: {key} {d[key]} must equal text_config.hidden_size {text.hidden_size} (the projector maps vision to text width)")
+        # The top-level hidden_size is unused by transformers (PaliGemma 2 files carry a stale 2048);
+        # projection_dim is the projector's output width and must be the decoder's width.
+        if "projection_dim" in d and d["projection_dim"] != text.hidden_size:
+            raise ConfigError(f"{source}: projection_dim {d['projection_dim']} must equal text_config.hidden_size {text.hidden_size} (the projector maps vision to text width)")
         vis_proj = d["vision_config"].get("projection_dim")
         if vis_proj is not None and vis_proj != text.hidden_size:
             raise ConfigError(f"{source}: vision_config.projection_dim {vis_proj} must equal text_config.hidden_size {text.hidden_size}")
