@@ -16,8 +16,9 @@ never attended. Drawn for a prefix of 3 and a suffix of 2 (rows = queries):
     1 1 1 1 1
 
 Sliding-window layers (Gemma 2) follow transformers 5.23: the window only narrows the causal part,
-so prefix tokens still see the whole prefix. The window is in index space, which equals position
-space for real tokens because padding is only ever at the ends. A query that may attend to nothing
+so prefix tokens still see the whole prefix. The window is measured in positions (k_pos > q_pos -
+window): within a sequence that equals transformers' index distance, and it stays right when
+generated tokens follow right padding. A query that may attend to nothing
 (a padding query) is allowed its own slot so that softmax stays finite; its output is never used.
 """
 
@@ -27,19 +28,20 @@ import torch
 
 
 def prefix_lm_mask(
-    kv_valid: torch.Tensor,   # bool (B, S): slot holds a real token
-    kv_prefix: torch.Tensor,  # bool (B, S): slot holds a prefix token
-    q_index: torch.Tensor,    # long (Tq,): slot index of each query
-    q_prefix: torch.Tensor,   # bool (B, Tq): query is a prefix token
+    valid: torch.Tensor,      # bool (B, S): slot holds a real token
+    prefix: torch.Tensor,     # bool (B, S): slot holds a prefix token
+    positions: torch.Tensor,  # long (B, S): RoPE position of the token in each slot
+    q_index: torch.Tensor,    # long (Tq,): slots of the queries (already written)
     window: int | None = None,
 ) -> torch.Tensor:            # bool (B, 1, Tq, S)
-    k = torch.arange(kv_valid.shape[1], device=kv_valid.device)  # (S,)
-    q = q_index[:, None]                                          # (Tq, 1)
-    causal = k <= q
+    k = torch.arange(valid.shape[1], device=valid.device)  # (S,)
+    q = q_index[:, None]                                    # (Tq, 1)
+    causal = (k <= q)[None]                                 # (1, Tq, S)
     if window is not None:
-        causal = causal & (k > q - window)
-    bidirectional = q_prefix[:, :, None] & kv_prefix[:, None, :]  # (B, Tq, S)
-    allowed = kv_valid[:, None, :] & (causal | bidirectional)
+        q_pos = positions[:, q_index]                       # (B, Tq)
+        causal = causal & (positions[:, None, :] > q_pos[:, :, None] - window)
+    bidirectional = prefix[:, q_index, None] & prefix[:, None, :]  # (B, Tq, S)
+    allowed = valid[:, None, :] & (causal | bidirectional)
     allowed = allowed | (k == q)  # padding queries see themselves (see module docstring)
     return allowed[:, None]
 
@@ -50,6 +52,10 @@ def sequence_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, wi
     attention_mask, token_type_ids: (B, T) as the processor returns them. Returns bool (B, 1, T, T).
     """
     valid = attention_mask.bool()
-    prefix = valid & (token_type_ids == 0)
     index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return prefix_lm_mask(valid, prefix, index, prefix, window)
+    return prefix_lm_mask(valid, valid & (token_type_ids == 0), positions_of(attention_mask), index, window)
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, T): the 1-based count of real tokens, as transformers and big_vision."""
+    return attention_mask.long().cumsum(-1)

@@ -20,7 +20,8 @@ import torch.nn as nn
 from . import weights
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
-from .masks import sequence_mask
+from .generate import generate
+from .masks import positions_of, sequence_mask
 from .vision import SiglipVisionModel
 
 
@@ -91,7 +92,7 @@ class PaliGemma(nn.Module):
             if t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
         x = self.embed(input_ids, pixel_values)
-        positions = attention_mask.long().cumsum(-1)  # 1-based count of real tokens, as transformers / big_vision
+        positions = positions_of(attention_mask)
         masks = {w: sequence_mask(attention_mask, token_type_ids, w) for w in self.decoder.windows}
         return PaliGemmaOutput(logits=self.decoder.logits(self.decoder(x, positions, masks)))
 
@@ -124,3 +125,7 @@ class PaliGemma(nn.Module):
         """Write config.json and the Hub-layout safetensors that transformers and nanopali load."""
         self.config.save_pretrained(path)
         weights.save_state_dict(self.state_dict(), path, max_shard_size)
+
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs):
+        """Greedy / sampled / beam generation with a static KV cache; see nanopali.generate.generate."""
+        return generate(self, input_ids, pixel_values, **kwargs)

@@ -74,3 +74,17 @@ def hf_logits(model: PaliGemmaForConditionalGeneration, inputs: dict[str, torch.
     """transformers' logits with positions counted over real tokens (as its generate() does)."""
     with torch.no_grad():
         return model(**inputs, position_ids=inputs["attention_mask"].cumsum(-1)).logits
+
+
+def hf_generation_model(config: HFConfig, eos_boost: float, seed: int = 0) -> PaliGemmaForConditionalGeneration:
+    """A model whose greedy output is varied (not one repeated token) and sometimes ends in <eos>.
+
+    With tied embeddings a random model tends to repeat its last input token; small embeddings
+    let the layers decide instead, and a longer <eos> row makes <eos> a likely choice.
+    """
+    model = hf_model(config, seed, std=0.3)
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed.mul_(0.1)
+        embed[EOS] *= eos_boost
+    return model

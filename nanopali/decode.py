@@ -1,0 +1,95 @@
+"""Cached decoding mechanics: prefill the prefix into a static KV cache, then one token per row per step.
+
+    prefill(model, input_ids, pixel_values, attention_mask, token_type_ids)  -> logits (B, V), DecodeState
+    state.step(model, tokens)                                                -> logits (B, V)
+
+The prefix (image + <bos> + prompt + "\\n") is run once with bidirectional prefix attention; every
+generated token is a causal suffix token. All masks come from masks.prefix_lm_mask over the cache
+slots, so the decode step has static shapes (B, 1, 1, S) and is the only part worth compiling.
+Padding may be on either side: the first new token is predicted from each row's last real token and
+positions count real tokens only. Strategies (greedy, sampling, beams) live in generate.py / beam.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+from .masks import positions_of, prefix_lm_mask
+
+
+@dataclass
+class DecodeState:
+    """Everything the decode step needs besides the model: the cache and what each slot holds."""
+
+    cache: KVCache
+    kv_valid: torch.Tensor   # bool (B, S): slot holds a real token
+    kv_prefix: torch.Tensor  # bool (B, S): slot holds a prefix token
+    kv_pos: torch.Tensor     # long (B, S): RoPE position of each slot's token
+    positions: torch.Tensor  # long (B,): RoPE position of the next token
+    slot: int                # next free slot (shared by all rows)
+
+    def step(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B,) as suffix tokens; return the next-token logits (B, V) in float32."""
+        if self.slot >= self.cache.max_len:
+            raise RuntimeError(f"KV cache full ({self.cache.max_len} slots)")
+        slots = torch.tensor([self.slot], device=tokens.device)
+        self.kv_valid[:, self.slot] = True
+        self.kv_pos[:, self.slot] = self.positions
+        masks = {w: prefix_lm_mask(self.kv_valid, self.kv_prefix, self.kv_pos, slots, w) for w in model.decoder.windows}
+        h = model.decoder(model.decoder.embed(tokens[:, None]), self.positions[:, None], masks, self.cache, slots)
+        self.positions = self.positions + 1
+        self.slot += 1
+        return model.decoder.logits(h)[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
+        self.kv_valid, self.kv_prefix = self.kv_valid[rows], self.kv_prefix[rows]
+        self.kv_pos, self.positions = self.kv_pos[rows], self.positions[rows]
+
+
+def prefill(model, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, max_new_tokens: int = 0,
+            rows_per_input: int = 1) -> tuple[torch.Tensor, DecodeState]:
+    """Run the prompt through the model, filling a cache with room for max_new_tokens more.
+
+    rows_per_input > 1 repeats every row (beam search) after the prefill. Returns the logits of the
+    token after each row's last real token (B * rows_per_input, V) and the decode state.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    if attention_mask.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and token_type_ids {tuple(token_type_ids.shape)} "
+                         f"must have the shape of input_ids {tuple(input_ids.shape)}")
+    valid = attention_mask.bool()
+    if not valid.any(-1).all():
+        raise ValueError("a row of attention_mask is all zeros: nothing to generate from")
+    S = T + max_new_tokens
+    kv_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    kv_valid[:, :T] = valid
+    kv_prefix = torch.zeros_like(kv_valid)
+    kv_prefix[:, :T] = valid & (token_type_ids == 0)
+    x = model.embed(input_ids, pixel_values)
+    cache = KVCache(model.decoder.config, B, S, x.dtype, device)
+    kv_pos = torch.zeros(B, S, dtype=torch.long, device=device)
+    positions = kv_pos[:, :T] = positions_of(attention_mask)
+    slots = torch.arange(T, device=device)
+    masks = {w: prefix_lm_mask(kv_valid, kv_prefix, kv_pos, slots, w) for w in model.decoder.windows}
+    h = model.decoder(x, positions, masks, cache, slots)                      # (B, T, D)
+    last = T - 1 - valid.flip(-1).long().argmax(-1)                          # (B,) index of the last real token
+    logits = model.decoder.logits(h[torch.arange(B, device=device), last][:, None])[:, -1].float()
+    state = DecodeState(cache, kv_valid, kv_prefix, kv_pos, valid.sum(-1) + 1, T)
+    if rows_per_input > 1:
+        rows = torch.arange(B, device=device).repeat_interleave(rows_per_input)
+        state.reorder(rows)
+        logits = logits[rows]
+    return logits, state
+
+
+@dataclass
+class GenerateOutput:
+    tokens: torch.Tensor    # long (B, N): new tokens, pad id after <eos>
+    logprobs: torch.Tensor  # float (B, N): log-probability of each token under the model (0 on padding)
