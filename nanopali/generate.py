@@ -9,6 +9,8 @@ Task logic (boxes, masks) never enters this loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .beam import beam_search
@@ -22,8 +24,17 @@ def default_vocab_limit(model) -> int:
     return image if image < rows else rows
 
 
+def _rules(model, device, eos_token_id, pad_token_id, vocab_limit, repetition_penalty) -> tuple[dict, int]:
+    text = model.config.text_config
+    eos = [text.eos_token_id] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    image = model.config.image_token_index
+    rules = dict(vocab_limit=vocab_limit or default_vocab_limit(model), banned=[image] if image < text.vocab_size else [],
+                 repetition_penalty=repetition_penalty, eos=torch.tensor(eos, dtype=torch.long, device=device))
+    return rules, text.pad_token_id if pad_token_id is None else pad_token_id
+
+
 @torch.no_grad()
-def generate(
+def generate_tokens(
     model,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
@@ -37,65 +48,88 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
     generator: torch.Generator | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     vocab_limit: int | None = None,
     stop_strings: list[str] | None = None,
     tokenizer=None,
-    return_logprobs: bool = False,
-    **ignored,
-) -> torch.Tensor | GenerateOutput:
-    """Generate up to max_new_tokens per row. Returns the new tokens (B, N), N <= max_new_tokens.
+    with_logprobs: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (token (B,), logprob (B,) or None) once per step: the streaming form of `generate`.
 
-    Each row stops at <eos> (or at one of `stop_strings`, which needs `tokenizer`) on its own;
-    finished rows are filled with the pad id. Tokens >= vocab_limit (default: the `<image>` id of
-    published checkpoints, see `default_vocab_limit`) and `<image>` itself are never produced.
-    `labels` and other processor outputs that do not matter for generation are ignored.
+    A row's tokens after its <eos> (or stop string) are the pad id with log-probability 0; the
+    iteration ends when every row is done or after max_new_tokens.
+
+    max_new_tokens / min_new_tokens: bounds on the number of new tokens per row.
+    do_sample, temperature, top_k, top_p, generator: sampling (greedy when do_sample=False or temperature=0).
+    repetition_penalty: transformers' CTRL-style penalty over the prompt and the generated tokens.
+    eos_token_id (int or list), pad_token_id: default to the config's.
+    vocab_limit: ids >= this are never produced (default: see `default_vocab_limit`); `<image>` never is.
+    stop_strings + tokenizer: a row also stops once its decoded text contains one of the strings.
     """
-    if ignored.keys() - {"labels"}:
-        raise TypeError(f"generate() got unexpected arguments {sorted(ignored.keys() - {'labels'})}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer to decode the generated text")
-    text = model.config.text_config
-    eos = torch.tensor([text.eos_token_id] if eos_token_id is None else
-                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=input_ids.device)
-    pad = text.pad_token_id if pad_token_id is None else pad_token_id
-    rules = dict(vocab_limit=vocab_limit or default_vocab_limit(model), banned=[model.config.image_token_index]
-                 if model.config.image_token_index < text.vocab_size else [], repetition_penalty=repetition_penalty, eos=eos)
-    if num_beams > 1:
-        if do_sample:
-            raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True")
-        return beam_search(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens=max_new_tokens,
-                           min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                           pad=pad, rules=rules, return_logprobs=return_logprobs)
-
+    rules, pad = _rules(model, input_ids.device, eos_token_id, pad_token_id, vocab_limit, repetition_penalty)
     logits, state = prefill(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens)
-    B = input_ids.shape[0]
     seen = input_ids if repetition_penalty != 1.0 else None
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    tokens, logprobs = [], []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    so_far = []
     for step in range(max_new_tokens):
         scores = process(logits, seen=seen, ban_eos=step < min_new_tokens, **rules)
         token = choose(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = token.masked_fill(done, pad)
-        tokens.append(token)
-        if return_logprobs:
-            logprobs.append(model_logprobs(logits, token, rules).masked_fill(done, 0.0))
-        done = done | torch.isin(token, eos)
+        logprob = model_logprobs(logits, token, rules).masked_fill(done, 0.0) if with_logprobs else None
+        yield token, logprob
+        done = done | torch.isin(token, rules["eos"])
         if stop_strings:
-            done = done | _hit_stop_string(torch.stack(tokens, 1), done, tokenizer, stop_strings)
+            so_far.append(token)
+            done = done | _hit_stop_string(torch.stack(so_far, 1), done, tokenizer, stop_strings)
         if done.all() or step == max_new_tokens - 1:
-            break
+            return
         if seen is not None:
             seen = torch.cat([seen, token[:, None]], 1)
         logits = state.step(model, token)
-    out = torch.stack(tokens, 1)
-    return GenerateOutput(out, torch.stack(logprobs, 1)) if return_logprobs else out
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    *,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    return_logprobs: bool = False,
+    labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | GenerateOutput:
+    """Generate up to max_new_tokens per row. Returns the new tokens (B, N), N <= max_new_tokens.
+
+    Each row stops on its own; finished rows are filled with the pad id. num_beams > 1 runs beam
+    search (with length_penalty). return_logprobs=True returns GenerateOutput(tokens, logprobs), the
+    model's log-probability of each token over the real vocabulary. `labels` (from a processor
+    call with suffixes) is accepted and ignored. The other arguments are `generate_tokens`'.
+    """
+    if num_beams > 1:
+        unsupported = {k for k in ("do_sample", "stop_strings", "tokenizer", "generator", "top_k", "top_p", "temperature")
+                       if kwargs.get(k)}
+        if unsupported:
+            raise ValueError(f"beam search does not support {sorted(unsupported)}; use num_beams=1 for them")
+        rules, pad = _rules(model, input_ids.device, kwargs.pop("eos_token_id", None), kwargs.pop("pad_token_id", None),
+                            kwargs.pop("vocab_limit", None), kwargs.pop("repetition_penalty", 1.0))
+        return beam_search(model, input_ids, pixel_values, attention_mask, token_type_ids, num_beams=num_beams,
+                           length_penalty=length_penalty, pad=pad, rules=rules, return_logprobs=return_logprobs,
+                           max_new_tokens=kwargs.pop("max_new_tokens", 32), min_new_tokens=kwargs.pop("min_new_tokens", 0),
+                           **kwargs)
+    steps = list(generate_tokens(model, input_ids, pixel_values, attention_mask, token_type_ids,
+                                 with_logprobs=return_logprobs, **kwargs))
+    tokens = torch.stack([t for t, _ in steps], 1)
+    return GenerateOutput(tokens, torch.stack([lp for _, lp in steps], 1)) if return_logprobs else tokens
 
 
 def _hit_stop_string(tokens: torch.Tensor, done: torch.Tensor, tokenizer, stop_strings: list[str]) -> torch.Tensor:
