@@ -19,9 +19,11 @@ from .sampling import choose, model_logprobs, process
 
 
 def default_vocab_limit(model) -> int:
-    """In every published checkpoint `<image>` is the first id past the real vocabulary."""
-    image, rows = model.config.image_token_index, model.config.text_config.vocab_size
-    return image if image < rows else rows
+    """The number of real tokens: the tokenizer's size when the model was loaded with one, else all rows.
+
+    Real checkpoints have 257216 embedding rows for 257153 tokens; the rest are padding.
+    """
+    return model.vocab_limit or model.config.text_config.vocab_size
 
 
 def _rules(model, device, eos_token_id, pad_token_id, vocab_limit, repetition_penalty) -> tuple[dict, int]:

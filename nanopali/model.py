@@ -22,6 +22,7 @@ from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
 from .generate import generate
 from .masks import positions_of, sequence_mask
+from .tokenizer import Tokenizer
 from .vision import SiglipVisionModel
 
 
@@ -46,6 +47,9 @@ class PaliGemma(nn.Module):
         self.vision_tower = nn.ModuleDict({"vision_model": SiglipVisionModel(config.vision_config)})
         self.multi_modal_projector = Projector(config)
         self.language_model = nn.ModuleDict({"model": GemmaDecoder(config.text_config)})
+        # Ids >= vocab_limit are embedding padding rows, never generated. from_pretrained sets it to
+        # the size of the checkpoint's tokenizer; None means every row is a real token.
+        self.vocab_limit: int | None = None
 
     @property
     def vision(self) -> SiglipVisionModel:
@@ -119,6 +123,8 @@ class PaliGemma(nn.Module):
         state = weights.load_state_dict(path, dtype=dtype, device=device)
         weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
         model.load_state_dict(state, strict=True, assign=True)
+        if (path / "tokenizer.model").is_file():
+            model.vocab_limit = Tokenizer.from_pretrained(path).vocab_size
         return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
