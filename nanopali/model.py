@@ -21,6 +21,7 @@ from . import weights
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
 from .generate import generate
+from .loss import suffix_loss
 from .masks import positions_of, sequence_mask
 from .tokenizer import Tokenizer
 from .vision import SiglipVisionModel
@@ -28,7 +29,8 @@ from .vision import SiglipVisionModel
 
 @dataclass
 class PaliGemmaOutput:
-    logits: torch.Tensor  # (B, T, vocab_size)
+    logits: torch.Tensor | None = None  # (B, T, vocab_size); None when labels were given
+    loss: torch.Tensor | None = None    # scalar, when labels were given
 
 
 class Projector(nn.Module):
@@ -81,13 +83,13 @@ class PaliGemma(nn.Module):
                 f"of {features.shape[1]} tokens each = {features.shape[0] * features.shape[1]}")
         return x.masked_scatter(image_mask[..., None], features.to(x.dtype))
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,                     # long (B, T)
         pixel_values: torch.Tensor | None = None,    # float (I, 3, S, S)
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; default all ones
         token_type_ids: torch.Tensor | None = None,  # (B, T), 0 = prefix, 1 = suffix; default all prefix
-    ) -> PaliGemmaOutput:
+    ) -> torch.Tensor:                               # (B, T, D) after the final norm
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -96,9 +98,16 @@ class PaliGemma(nn.Module):
             if t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
         x = self.embed(input_ids, pixel_values)
-        positions = positions_of(attention_mask)
         masks = {w: sequence_mask(attention_mask, token_type_ids, w) for w in self.decoder.windows}
-        return PaliGemmaOutput(logits=self.decoder.logits(self.decoder(x, positions, masks)))
+        return self.decoder(x, positions_of(attention_mask), masks)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
+                labels: torch.Tensor | None = None, **loss_options) -> PaliGemmaOutput:
+        """Logits (B, T, V); or, with labels, only the suffix loss (see loss.suffix_loss for loss_options)."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
+        if labels is None:
+            return PaliGemmaOutput(logits=self.decoder.logits(h))
+        return PaliGemmaOutput(loss=suffix_loss(h, labels, self.decoder.logits, **loss_options))
 
     # ---------------------------------------------------------------- checkpoints
 
