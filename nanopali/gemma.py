@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import TextConfig
@@ -116,6 +117,7 @@ class GemmaDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of storing activations
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight
@@ -131,7 +133,11 @@ class GemmaDecoder(nn.Module):
     ) -> torch.Tensor:
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.config.window(i)], cache, slots)
+            args = (x, cos, sin, masks[self.config.window(i)], cache, slots)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
