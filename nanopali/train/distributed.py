@@ -1,0 +1,75 @@
+"""Distributed bookkeeping for torchrun: process group, rank-0 helpers, DDP / FSDP2 wrapping.
+
+Under `torchrun --nproc_per_node=N` the same entry point runs N processes; RANK / WORLD_SIZE /
+LOCAL_RANK come from the environment. Gradients are synchronised by PyTorch (DDP, or FSDP2's
+`fully_shard` with --fsdp); nothing here moves tensors by hand except two small all-reduces of
+counters. Without torchrun everything is a no-op on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        """All-reduce a number (sum over ranks)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup(device: str = "auto") -> Dist:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, torch.device(device, local) if device == "cuda" else torch.device("cpu"))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
+    """DDP for several processes, FSDP2 (sharded parameters and optimizer state) with fsdp=True."""
+    if d.world == 1 and not fsdp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in list(model.vision.encoder.layers) + list(model.decoder.layers):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,233 @@
+"""The training loop: fine-tune (or train) PaliGemma on prefix/suffix examples, top to bottom.
+
+    config = TrainConfig(model="ckpt", data="train.jsonl", out="runs/x", recipe="attention-only", steps=500)
+    fit(config)                          # or fit(config, train_data=[{"image": ..., "prefix": ..., "suffix": ...}, ...])
+
+One step = grad_accum micro-batches of batch_size examples on each of the world-size processes;
+the loss of the step is the mean over the suffix tokens of the whole global batch (or over its
+examples), whatever the split. Checkpoints (checkpoint.py) are written every save_every steps,
+at the end, and when SIGTERM/SIGINT arrives; `resume=True` continues from the newest one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..loss import count
+from ..model import PaliGemma
+from ..processor import Processor
+from ..weights import save_state_dict
+from . import checkpoint, distributed
+from .data import JsonlDataset, as_example, collate, example_stream
+from .evaluate import evaluate
+from .recipes import apply_recipe, optimizer, schedule
+
+
+@dataclass
+class TrainConfig:
+    model: str                          # checkpoint directory to start from
+    out: str = "runs/train"             # run directory: checkpoints, metrics.jsonl, loss.png
+    data: str | None = None             # training JSONL (or pass train_data= to fit)
+    eval: str | None = None             # held-out JSONL (or pass eval_data= to fit)
+    recipe: str = "full"                # full | freeze-vision | attention-only | projector-only
+    steps: int = 100
+    batch_size: int = 8                 # examples per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scale: dict[str, float] = field(default_factory=dict)  # {"multi_modal_projector.*": 10.0}
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False                  # bf16 autocast (CPU and GPU); weights stay in float32
+    activation_checkpointing: bool = False
+    loss_reduction: str = "token"       # token (transformers) | example (big_vision)
+    label_smoothing: float = 0.0
+    max_length: int | None = None
+    skip_bad: bool = False
+    seed: int = 0
+    save_every: int = 0                 # 0: only at the end
+    keep_checkpoints: int = 3
+    eval_every: int = 0                 # 0: only at the end (when there is eval data)
+    eval_max_new_tokens: int = 32
+    log_every: int = 1
+    resume: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read options from a JSON file; keyword overrides (e.g. from the command line) win."""
+        values = json.loads(Path(path).read_text())
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+        return cls(**{**values, **overrides})
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and stops)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _write_model(model, processor, d: distributed.Dist):
+    """A function writing the full model (gathered from all ranks under FSDP) and processor files."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    base = distributed.unwrap(model)
+
+    def write(path: Path) -> None:
+        base.config.save_pretrained(path)
+        save_state_dict(state, path)
+        processor.save_pretrained(path)
+    return write
+
+
+def _plot(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if '"loss"' in line]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_yscale("log"), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
+    """Train; return the final checkpoint directory."""
+    d = distributed.setup(config.device)
+    out = Path(config.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(out)
+    resume_from = checkpoint.latest(out) if config.resume else None
+    torch.manual_seed(config.seed)
+
+    model = PaliGemma.from_pretrained(resume_from or config.model, device=d.device)
+    processor = Processor.from_pretrained(resume_from or config.model)
+    apply_recipe(model, config.recipe)
+    model.gradient_checkpointing(config.activation_checkpointing)
+    model.train()
+    wrapped = distributed.wrap(model, d, config.fsdp)
+    opt = optimizer(wrapped, config.lr, config.weight_decay, config.lr_scale)
+    sched = schedule(opt, config.warmup_steps, config.steps, config.min_lr_ratio)
+    step = 0
+    if resume_from is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        state = checkpoint.load_state(resume_from)
+        set_optimizer_state_dict(wrapped, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sched.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+
+    train = train_data if train_data is not None else JsonlDataset(config.data, config.skip_bad) if config.data else None
+    if train is None:
+        raise ValueError("no training data: set data= (a JSONL file) or pass train_data=")
+    held_out = eval_data if eval_data is not None else JsonlDataset(config.eval, config.skip_bad) if config.eval else None
+    held_out = [as_example(e, f"eval example {i}") for i, e in enumerate(held_out)] if held_out is not None else None
+    per_step = config.batch_size * d.world * config.grad_accum
+    stream = example_stream(train, config.seed, start=step * per_step)
+    metrics = out / "metrics.jsonl"
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+
+    def save(at: int) -> Path:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opt_state = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        write = _write_model(wrapped, processor, d)
+        path = out / f"{checkpoint.PREFIX}{at:06d}"
+        if d.main:
+            trainer_state = {"step": at, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
+                             "data_position": at * per_step, "config": asdict(config)}
+            path = checkpoint.save(out, at, write, trainer_state, config.keep_checkpoints)
+        d.barrier()
+        return path
+
+    def log(record: dict) -> None:
+        if d.main:
+            with metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar = tqdm(total=config.steps, initial=step, disable=not d.main, desc="train", dynamic_ncols=True)
+    with _StopSignal() as stop:
+        while step < config.steps and not stop.requested:
+            start = time.perf_counter()
+            micro = []
+            for _ in range(config.grad_accum):
+                examples = [next(stream) for _ in range(config.batch_size * d.world)]
+                mine = examples[d.rank * config.batch_size:(d.rank + 1) * config.batch_size]
+                micro.append({k: v.to(d.device) for k, v in collate(processor, mine, config.max_length).items()})
+            # divide by the count over the global batch, times world size (DDP/FSDP average the ranks)
+            total = d.sum(sum(count(b["labels"], config.loss_reduction) for b in micro))
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+                    loss = wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
+                                   denominator=max(total, 1) / d.world).loss
+                loss.backward()
+                step_loss += loss.item() / d.world
+            grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
+                                                        config.max_grad_norm).item() if config.max_grad_norm else None)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = d.sum(step_loss)
+            seconds = time.perf_counter() - start
+            tokens = d.sum(sum(int(b["attention_mask"].sum()) for b in micro))
+            if step % config.log_every == 0 or step == config.steps:
+                log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                     "examples_per_s": per_step / seconds, "tokens_per_s": tokens / seconds})
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{per_step / seconds:.1f}")
+            bar.update(1)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save(step)
+            if held_out and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                log({"step": step, **_evaluate(wrapped, processor, held_out, config, d)})
+    bar.close()
+    final = save(step)
+    if held_out and not stop.requested:
+        log({"step": step, **_evaluate(wrapped, processor, held_out, config, d)})
+    if d.main and metrics.is_file():
+        _plot(metrics, out / "loss.png")
+    distributed.teardown()
+    return final
+
+
+def _evaluate(model, processor, examples, config: TrainConfig, d: distributed.Dist) -> dict:
+    """Evaluate on rank 0 (other ranks wait), or on every rank under FSDP, whose layers need all ranks."""
+    result = {}
+    if d.main or config.fsdp:
+        result = {f"eval/{k}": v for k, v in evaluate(distributed.unwrap(model), processor, examples,
+                                                      config.batch_size, config.eval_max_new_tokens).items()}
+    d.barrier()
+    return result
