@@ -3,12 +3,13 @@
 from .config import ConfigError, PaliGemmaConfig, TextConfig, VisionConfig
 from .images import ImageError, load_image
 from .model import PaliGemma, PaliGemmaOutput
+from .pipeline import Pali, load
 from .processor import Processor
 from .streaming import stream
 from .tokenizer import Tokenizer, TokenizerError
 from .weights import CheckpointError
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ImageError", "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput", "Processor",
-    "TextConfig", "Tokenizer", "TokenizerError", "VisionConfig", "load_image", "stream",
+    "CheckpointError", "ConfigError", "ImageError", "Pali", "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput", "Processor",
+    "TextConfig", "Tokenizer", "TokenizerError", "VisionConfig", "load", "load_image", "stream",
 ]

@@ -122,18 +122,20 @@ class PaliGemma(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         use_sliding_window: bool = True,
+        progress: bool = False,
     ) -> "PaliGemma":
         """Load a Hugging Face layout checkpoint directory (config.json + safetensors).
 
         The model is built on the meta device and the file tensors are assigned to it, converted
         to `dtype` one at a time: no second copy of the weights is ever made.
         `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
+        `progress=True` shows a progress bar while the tensors are read.
         """
         path = Path(path)
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
         with torch.device("meta"):
             model = cls(config)
-        state = weights.load_state_dict(path, dtype=dtype, device=device)
+        state = weights.load_state_dict(path, dtype=dtype, device=device, progress=progress)
         weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
         model.load_state_dict(state, strict=True, assign=True)
         if (path / "tokenizer.model").is_file():

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -74,7 +75,8 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
 
 
-def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    progress: bool = False) -> dict[str, torch.Tensor]:
     """Read all tensors of a checkpoint directory under nanopali's names, one tensor at a time.
 
     Tensors are read from the memory-mapped files and converted to `dtype` one by one, so loading
@@ -82,7 +84,10 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: 
     """
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    for file in checkpoint_files(Path(path)):
+    files = checkpoint_files(Path(path))
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading weights",
+               disable=not progress, leave=False)
+    for file in files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():
@@ -94,8 +99,10 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: 
                     tensor = f.get_tensor(key)
                     state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
                     origin[name] = key
+                    bar.update(tensor.numel() * tensor.element_size())
         except SafetensorError as e:
             raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+    bar.close()
     return state
 
 

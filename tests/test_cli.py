@@ -1,7 +1,11 @@
-"""The `nanopali` command: help, a caption streamed from a checkpoint, and clear errors."""
+"""The `nanopali` console script, run for real in subprocesses on a tiny checkpoint built here."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,51 +13,110 @@ from PIL import Image
 
 from tiny_checkpoint import write_tiny_checkpoint
 from nanopali import PaliGemma, Processor, stream
-from nanopali.cli import main
+
+VAE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+SCRIPT = shutil.which("nanopali")
+
+
+def cli(*args, stdin: str | None = None):
+    assert SCRIPT, "the nanopali console script is not installed (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, input=stdin, env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), generation=1)
+def model(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), generation=1)
+    shutil.copy(VAE, path / "vae-oid.npz")
+    return path
 
 
 @pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
+def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(path)
     return path
 
 
-def test_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "nanopali.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("caption", "answer", "generate"):
-        assert command in out
+def test_help_and_module_entry_point():
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("caption", "answer", "detect", "segment", "ocr", "generate", "chat", "info", "train"):
+        assert command in out.stdout
+    module = subprocess.run([sys.executable, "-m", "nanopali", "detect", "--help"], capture_output=True, text=True)
+    assert module.returncode == 0 and "--out" in module.stdout and "--no-json" in module.stdout
 
 
-@pytest.mark.parametrize("args, prompt", [(["caption"], "caption en"),
-                                          (["answer", "{image}", "what color is it?"], "answer en what color is it?")])
-def test_command_prints_what_stream_produces(checkpoint, image_file, capsys, args, prompt):
-    argv = [args[0], "--model", str(checkpoint), "--dtype", "float32", "--max-new-tokens", "8"]
-    argv += [str(image_file)] + args[2:] if len(args) > 1 else [str(image_file)]
-    assert main(argv) == 0
-    expected = "".join(stream(PaliGemma.from_pretrained(checkpoint), Processor.from_pretrained(checkpoint),
-                              image_file, prompt, max_new_tokens=8))
-    assert capsys.readouterr().out == expected + "\n"
+def test_caption_streams_what_the_python_api_streams(model, image):
+    out = cli("caption", image, "--model", model, "--dtype", "float32", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    expected = "".join(stream(PaliGemma.from_pretrained(model), Processor.from_pretrained(model), image, "caption en",
+                              max_new_tokens=8))
+    assert out.stdout == expected + "\n"
 
 
-def test_beams_from_the_command_line(checkpoint, image_file, capsys):
-    assert main(["generate", "--model", str(checkpoint), "--dtype", "float32", "--beams", "2", "--max-new-tokens", "5",
-                 str(image_file), "detect cat"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+def test_answer_json(model, image):
+    out = cli("answer", image, "what color is it?", "--model", model, "--dtype", "float32", "--json", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["task"] == "answer" and result["prompt"] == "answer en what color is it?"
+    assert isinstance(result["text"], str) and result["new_tokens"] <= 4 and result["seconds"] > 0
 
 
-@pytest.mark.parametrize("problem", ["missing image", "missing model"])
-def test_errors_are_one_clear_line(checkpoint, image_file, tmp_path, capsys, problem):
-    model, image = str(checkpoint), str(image_file)
-    if problem == "missing image":
-        image = str(tmp_path / "nope.jpg")
-    else:
-        model = str(tmp_path / "no-model")
-    assert main(["caption", "--model", model, image]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("nanopali: error:") and ("nope.jpg" in err or "no-model" in err)
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_objects_json_and_drawing(model, image, tmp_path, task):
+    out = cli(task, image, "cat ; dog", "--model", model, "--dtype", "float32", "--json", "--out", tmp_path / "o.png",
+              "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["labels"] == ["cat", "dog"] and set(result) >= {"objects", "dropped", "text"}
+    assert all(set(o) >= {"label", "box", "score"} for o in result["objects"])
+    assert all(d["reason"] for d in result["dropped"])
+    drawn = Image.open(tmp_path / "o.png")
+    assert drawn.size == (60, 50)
+
+
+def test_chat_answers_each_line(model, image):
+    out = cli("chat", image, "--model", model, "--dtype", "float32", "--max-new-tokens", "3", stdin="caption en\nocr\n\n")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 2
+
+
+def test_info(model):
+    out = cli("info", model, "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    n = sum(p.numel() for p in PaliGemma.from_pretrained(model).parameters())
+    assert info["parameters"] == n and info["dtypes"] == ["F32"] and info["generation"] == 1
+
+
+def test_train_from_the_command_line(model, image, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"image": str(image), "prefix": "caption en", "suffix": "a photo"}) + "\n")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"steps": 2, "batch_size": 1, "lr": 1e-3}))
+    out = cli("train", "--model", model, "--data", data, "--out", tmp_path / "run", "--config", config, "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("checkpoint-000003")
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["caption", "{missing}", "--model", "{model}"], "nope.jpg"),
+    (["caption", "{image}", "--model", "{missing_dir}"], "no-model"),
+    (["caption", "{image}"], "no default model is shipped yet"),
+    (["segment", "{image}", "cat", "--model", "{model}", "--vae", "{missing_vae}"], "vae.npz"),
+    (["train", "--data", "x.jsonl"], "train needs --model"),
+])
+def test_user_mistakes_are_one_line_without_traceback(model, image, tmp_path, args, message):
+    values = dict(model=model, image=image, missing=tmp_path / "nope.jpg", missing_dir=tmp_path / "no-model",
+                  missing_vae=tmp_path / "vae.npz")
+    out = cli(*[a.format(**values) for a in args])
+    assert out.returncode == 2
+    assert out.stderr.startswith("nanopali: error:") and message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_task_is_a_usage_error():
+    out = cli("describe", "x.png")
+    assert out.returncode == 2 and "invalid choice: 'describe'" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,162 @@
+"""The high-level object: image and task in, text, boxes or masks out — the one path the CLI uses.
+
+    pali = nanopali.load("path/to/checkpoint", dtype=torch.bfloat16)
+    pali.caption(image); pali.answer(image, "what is it?"); pali.ocr(image)
+    pali.detect(image, ["cat", "dog"])    -> [Detection(label, box, score)]         box in original pixels
+    pali.segment(image, ["cat"])          -> [Segmentation(label, box, mask, score)] mask bool (H, W)
+    pali.generate(image, "any prompt"); pali.stream(image, prompt)
+
+Every method also takes a list of images (and, for generate, a list of prompts) and then returns a
+list. Prompts follow PaliGemma's task syntax ("caption en", "answer en …", "detect a ; b",
+"segment a", "ocr"). Scores are the geometric mean of the probabilities of an object's tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .images import load_image
+from .model import PaliGemma
+from .processor import Processor
+from .streaming import IncrementalDecoder, stream
+from .tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
+
+VAE_FILE = "vae-oid.npz"
+TASK_TOKENS = {"caption": 64, "answer": 32, "ocr": 128, "detect": 128, "segment": 256, "generate": 64}
+
+
+@dataclass
+class Detection:
+    label: str
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels of the original image, x1/y1 exclusive
+    score: float
+
+
+@dataclass
+class Segmentation:
+    label: str
+    box: tuple[int, int, int, int]
+    mask: np.ndarray                 # bool (H, W) of the original image
+    score: float
+
+
+class Objects(list):
+    """Detections or segmentations of one image, with the raw answer and the objects that were dropped."""
+
+    def __init__(self, items, text: str = "", dropped=()):
+        super().__init__(items)
+        self.text, self.dropped = text, list(dropped)  # dropped: DroppedObject(text, reason, span)
+
+
+def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         vae: str | Path | None = None, progress: bool = False) -> "Pali":
+    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment)."""
+    if path is None:
+        raise ValueError("no default model is shipped yet: pass a PaliGemma checkpoint directory")
+    path = Path(path)
+    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    processor = Processor.from_pretrained(path)
+    vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
+    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path)
+
+
+class Pali:
+    def __init__(self, model: PaliGemma, processor: Processor, vae: SegmentationVAE | None = None,
+                 model_dir: str | Path | None = None):
+        self.model, self.processor, self.vae, self.model_dir = model, processor, vae, model_dir
+        self.stats: dict[str, float] = {}  # new_tokens and seconds of the last generate/task call
+
+    # ------------------------------------------------------------------ text
+
+    def generate(self, images, prompts, **kwargs) -> str | list[str]:
+        """Answer one prompt per image; a single image and prompt give a str, lists give a list."""
+        single = isinstance(prompts, str)
+        texts = [text for text, _ in self._run(images, prompts, "generate", **kwargs)]
+        return texts[0] if single else texts
+
+    def stream(self, image, prompt: str, **kwargs) -> Iterator[str]:
+        kwargs.setdefault("max_new_tokens", TASK_TOKENS["generate"])
+        return stream(self.model, self.processor, load_image(image), prompt, **kwargs)
+
+    def caption(self, images, lang: str = "en", **kwargs):
+        return self._text(images, f"caption {lang}", "caption", **kwargs)
+
+    def answer(self, images, question: str, lang: str = "en", **kwargs):
+        return self._text(images, f"answer {lang} {question}", "answer", **kwargs)
+
+    def ocr(self, images, **kwargs):
+        return self._text(images, "ocr", "ocr", **kwargs)
+
+    # ------------------------------------------------------------------ boxes and masks
+
+    def detect(self, images, labels, convention: str = "bigvision", **kwargs) -> Objects | list[Objects]:
+        """Boxes of `labels` ("cat" or ["cat", "dog"]); `convention` "hfspace" reads locs as /1024."""
+        results = self._objects(images, "detect", labels, convention, **kwargs)
+        out = [Objects([Detection(o.label, o.box, o.score) for o in objs], objs.text, objs.dropped) for objs in results]
+        return out if isinstance(images, list) else out[0]
+
+    def segment(self, images, labels, convention: str = "bigvision", **kwargs) -> Objects | list[Objects]:
+        """Masks of `labels`; objects the model answered without <seg> tokens are dropped with that reason."""
+        if self.vae is None:
+            find_checkpoint(None, self.model_dir)  # raises: where the VQ-VAE is looked for and how to get it
+        results = self._objects(images, "segment", labels, convention, **kwargs)
+        out = []
+        for objs in results:
+            kept = [Segmentation(o.label, o.box, o.mask, o.score) for o in objs if o.mask is not None]
+            dropped = objs.dropped + [(o.label, "no <seg> tokens: a box without a mask", o.span) for o in objs if o.mask is None]
+            out.append(Objects(kept, objs.text, dropped))
+        return out if isinstance(images, list) else out[0]
+
+    # ------------------------------------------------------------------ shared path
+
+    def _text(self, images, prompt: str, task: str, **kwargs):
+        batch = images if isinstance(images, list) else [images]
+        texts = [text for text, _ in self._run(batch, [prompt] * len(batch), task, **kwargs)]
+        return texts if isinstance(images, list) else texts[0]
+
+    def _objects(self, images, task: str, labels, convention: str, **kwargs) -> list[ParsedObjects]:
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise ValueError(f"{task} needs one or more non-empty labels, got {labels!r}")
+        batch = [load_image(im) for im in (images if isinstance(images, list) else [images])]
+        prompt = f"{task} " + " ; ".join(x.strip() for x in labels)
+        results = []
+        for image, (text, spans) in zip(batch, self._run(batch, [prompt] * len(batch), task, **kwargs)):
+            objects = parse_objects(text, image_size=image.size, vae=self.vae if task == "segment" else None,
+                                    convention=convention)
+            for obj in objects:
+                picked = [lp for (start, end), lp in spans if start < obj.span[1] and end > obj.span[0]]
+                obj.score = float(np.exp(np.mean(picked))) if picked else 0.0
+            objects.text = text
+            results.append(objects)
+        return results
+
+    def _run(self, images, prompts, task: str, **kwargs) -> list[tuple[str, list]]:
+        """Generate for a batch; return each row's text and its tokens' ((start, end), logprob) spans."""
+        images = [load_image(im) for im in (images if isinstance(images, list) else [images])]
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        kwargs.setdefault("max_new_tokens", TASK_TOKENS[task])
+        tok = self.processor.tokenizer
+        batch = self.processor(images=images, prompts=prompts, padding_side="left")
+        start = time.perf_counter()
+        out = self.model.generate(**batch, return_logprobs=True, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                  vocab_limit=tok.vocab_size, **kwargs)
+        self.stats = {"new_tokens": int((out.tokens != tok.pad_id).sum()), "seconds": time.perf_counter() - start}
+        rows = []
+        for ids, logprobs in zip(out.tokens.tolist(), out.logprobs.tolist()):
+            decoder, spans = IncrementalDecoder(lambda x: tok.decode(x, skip_special_tokens=True)), []
+            for i, lp in zip(ids, logprobs):
+                if i in (tok.eos_id, tok.pad_id):
+                    break
+                start = len(decoder.emitted)
+                decoder.push(i)
+                spans.append(((start, max(start + 1, len(decoder.emitted))), lp))
+            decoder.finish()
+            rows.append((decoder.emitted, spans))
+        return rows
