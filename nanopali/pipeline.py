@@ -76,9 +76,10 @@ class Pali:
 
     def generate(self, images, prompts, **kwargs) -> str | list[str]:
         """Answer one prompt per image; a single image and prompt give a str, lists give a list."""
-        single = isinstance(prompts, str)
-        texts = [text for text, _ in self._run(images, prompts, "generate", **kwargs)]
-        return texts[0] if single else texts
+        batch = _load_images(images)
+        prompts = [prompts] * len(batch) if isinstance(prompts, str) else list(prompts)
+        texts = [text for text, _ in self._run(batch, prompts, "generate", **kwargs)]
+        return texts if isinstance(images, list) else texts[0]
 
     def stream(self, image, prompt: str, **kwargs) -> Iterator[str]:
         kwargs.setdefault("max_new_tokens", TASK_TOKENS["generate"])
@@ -116,7 +117,7 @@ class Pali:
     # ------------------------------------------------------------------ shared path
 
     def _text(self, images, prompt: str, task: str, **kwargs):
-        batch = images if isinstance(images, list) else [images]
+        batch = _load_images(images)
         texts = [text for text, _ in self._run(batch, [prompt] * len(batch), task, **kwargs)]
         return texts if isinstance(images, list) else texts[0]
 
@@ -124,7 +125,7 @@ class Pali:
         labels = [labels] if isinstance(labels, str) else list(labels)
         if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
             raise ValueError(f"{task} needs one or more non-empty labels, got {labels!r}")
-        batch = [load_image(im) for im in (images if isinstance(images, list) else [images])]
+        batch = _load_images(images)
         prompt = f"{task} " + " ; ".join(x.strip() for x in labels)
         results = []
         for image, (text, spans) in zip(batch, self._run(batch, [prompt] * len(batch), task, **kwargs)):
@@ -137,10 +138,8 @@ class Pali:
             results.append(objects)
         return results
 
-    def _run(self, images, prompts, task: str, **kwargs) -> list[tuple[str, list]]:
-        """Generate for a batch; return each row's text and its tokens' ((start, end), logprob) spans."""
-        images = [load_image(im) for im in (images if isinstance(images, list) else [images])]
-        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    def _run(self, images: list, prompts: list[str], task: str, **kwargs) -> list[tuple[str, list]]:
+        """Generate for loaded images; return each row's text and its tokens' ((start, end), logprob) spans."""
         kwargs.setdefault("max_new_tokens", TASK_TOKENS[task])
         tok = self.processor.tokenizer
         batch = self.processor(images=images, prompts=prompts, padding_side="left")
@@ -154,9 +153,14 @@ class Pali:
             for i, lp in zip(ids, logprobs):
                 if i in (tok.eos_id, tok.pad_id):
                     break
-                start = len(decoder.emitted)
+                begin = len(decoder.emitted)
                 decoder.push(i)
-                spans.append(((start, max(start + 1, len(decoder.emitted))), lp))
+                spans.append(((begin, max(begin + 1, len(decoder.emitted))), lp))
             decoder.finish()
             rows.append((decoder.emitted, spans))
         return rows
+
+
+def _load_images(images) -> list:
+    """One image or a list of them -> a list of RGB PIL images (each loaded once)."""
+    return [load_image(im) for im in (images if isinstance(images, list) else [images])]
