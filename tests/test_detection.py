@@ -19,7 +19,6 @@ from nanopali.tasks import DetectedObject, ParsedObjects, box_to_locs, encode_bo
 from nanopali.tasks.detection import CONVENTIONS
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae"
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference data not found at {REF}")
 W, H = 640, 480
 
 
@@ -28,7 +27,6 @@ def yxyx_to_xyxy(b):
     return (x0, y0, x1, y1)
 
 
-@needs_ref
 def test_boxes_match_big_vision_evaluator():
     ref = json.loads((REF / "parse_ref_bigvision.json").read_text())
     assert (ref["image_w"], ref["image_h"]) == (W, H)
@@ -50,7 +48,6 @@ def test_boxes_match_big_vision_evaluator():
             assert objs[0].box_normalized == tuple(formula["box_norm"])
 
 
-@needs_ref
 def test_objects_match_hf_space_parser():
     """Same objects and boxes under convention="hfspace"; labels are stripped here ("cat " in the Space), text
     without an object is in .dropped, and a box with ymax < ymin (kept by the Space) is dropped here."""

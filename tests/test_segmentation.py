@@ -19,7 +19,6 @@ from nanopali.tasks import SegmentationVAE, encode_segmentation, find_checkpoint
 from nanopali.tasks.segmentation import crop_to_64, paste_soft_mask, read_npz, resize_logits
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae"
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference data not found at {REF}")
 
 
 @pytest.fixture(scope="module")
