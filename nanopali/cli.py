@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "lr_scale":
             train.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. \'{"multi_modal_projector.*": 10}\'')
+        elif str(f.type).startswith(("tuple", "list")):
+            train.add_argument(flag, nargs="+", default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             train.add_argument(flag, type=kind, default=None)

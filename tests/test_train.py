@@ -173,3 +173,49 @@ def test_bad_lines_name_their_line_number(data, tmp_path):
     assert len(ds) == 1 and len(ds.skipped) == 4
     assert [s.split(": ", 1)[0].rsplit(":", 1)[1] for s in ds.skipped] == ["2", "3", "4", "5"]
     assert "cannot be read" in ds.skipped[1] and "missing or non-string field(s) ['image']" in ds.skipped[2]
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(base):
+    from nanopali.train.recipes import param_groups
+    model = PaliGemma.from_pretrained(base)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, lr_scale={"multi_modal_projector.*": 10.0})
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    for name, _ in model.named_parameters():
+        exempt = "norm" in name or name.endswith(".bias") or "embed_tokens" in name or "position_embedding" in name
+        assert (name not in decayed) == exempt, name
+    lrs = {n: g["lr"] for g in groups for n in g["names"]}
+    assert lrs["multi_modal_projector.linear.weight"] == 1e-2 and lrs["language_model.model.norm.weight"] == 1e-3
+
+
+def test_activation_checkpointing_gives_the_same_gradients(base, data):
+    from nanopali.train.data import collate
+    processor = Processor.from_pretrained(base)
+    batch = collate(processor, list(JsonlDataset(data)))
+    grads = []
+    for enabled in (False, True):
+        model = PaliGemma.from_pretrained(base).train()
+        model.gradient_checkpointing(enabled)
+        model(**batch).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_bf16_autocast_trains_close_to_float32(base, data, tmp_path):
+    run(base, data, tmp_path / "fp32", steps=4)
+    run(base, data, tmp_path / "bf16", steps=4, bf16=True)
+    rows = {name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("fp32", "bf16")}
+    assert rows["bf16"] != rows["fp32"], "autocast had no effect"
+    for a, b in zip(rows["fp32"], rows["bf16"]):
+        assert abs(a - b) < 0.05 * a
+    assert {p.dtype for p in PaliGemma.from_pretrained(tmp_path / "bf16" / "checkpoint-000004").parameters()} == {torch.float32}
+
+
+def test_detection_metrics_use_the_parser():
+    from nanopali.train.evaluate import detection_scores
+    truth = "<loc0000><loc0000><loc0512><loc0512> cat ; <loc0512><loc0512><loc1023><loc1023> dog"
+    exact, n = detection_scores(truth, truth, (100, 100))
+    assert exact == [1.0, 1.0] and n == 2
+    shifted, n = detection_scores("<loc0000><loc0256><loc0512><loc0768> cat", truth, (100, 100))
+    assert shifted == [pytest.approx(1 / 3, abs=0.02), 0.0] and n == 1
