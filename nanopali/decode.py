@@ -68,6 +68,10 @@ def prefill(model, input_ids, pixel_values=None, attention_mask=None, token_type
     if not valid.any(-1).all():
         raise ValueError("a row of attention_mask is all zeros: nothing to generate from")
     S = T + max_new_tokens
+    limit = model.config.text_config.max_position_embeddings
+    if S > limit:
+        raise ValueError(f"the prompt is {T} tokens and {max_new_tokens} new tokens were asked for: {S} positions, "
+                         f"but this model takes at most {limit}")
     kv_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     kv_valid[:, :T] = valid
     kv_prefix = torch.zeros_like(kv_valid)

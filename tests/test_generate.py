@@ -216,3 +216,11 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     kept = torch.isfinite(top_k_top_p(logits, top_p=0.7)).sum(-1)
     assert torch.equal(kept, n_nucleus)
     assert (probs.gather(1, order)[:, :1] > 0).all()
+
+
+def test_a_prompt_longer_than_the_model_takes_is_an_error(pair):
+    _, ours, cfg = pair
+    inputs = prompts(cfg)
+    limit = ours.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"but this model takes at most {limit}"):
+        ours.generate(**inputs, max_new_tokens=limit)
