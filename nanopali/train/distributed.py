@@ -3,11 +3,13 @@
 Under `torchrun --nproc_per_node=N` the same entry point runs N processes; RANK / WORLD_SIZE /
 LOCAL_RANK come from the environment. Gradients are synchronised by PyTorch (DDP, or FSDP2's
 `fully_shard` with --fsdp); nothing here moves tensors by hand except two small all-reduces of
-counters. Without torchrun everything is a no-op on one process.
+counters. Without torchrun everything is a no-op on one process. Under FSDP, code that bypasses
+model.forward (generate() during evaluation) runs inside `root_unsharded(model)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -73,3 +75,24 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def root_unsharded(model: torch.nn.Module):
+    """Gather an FSDP2 root's own parameters for code that does not go through model.forward().
+
+    fully_shard(model) all-gathers the root's parameters (embeddings, projector, final norms) in
+    a hook on model.forward and leaves them sharded DTensors otherwise; generate() calls
+    model.embed and model.decoder directly, so they must be gathered around it. Each sharded
+    layer still gathers its own parameters in its forward, so every rank must run the same calls.
+    A no-op without FSDP.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()

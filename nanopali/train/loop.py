@@ -7,6 +7,7 @@ One step = grad_accum micro-batches of batch_size examples on each of the world-
 the loss of the step is the mean over the suffix tokens of the whole global batch (or over its
 examples), whatever the split. Checkpoints (checkpoint.py) are written every save_every steps,
 at the end, and when SIGTERM/SIGINT arrives; `resume=True` continues from the newest one exactly.
+With lora_rank > 0 only LoRA adapters on the decoder train (lora.py) and checkpoints hold the merged model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..loss import count
 from ..model import PaliGemma
 from ..processor import Processor
 from ..weights import save_state_dict
-from . import checkpoint, distributed
+from . import checkpoint, distributed, lora
 from .data import JsonlDataset, as_example, collate, example_stream
 from .evaluate import evaluate
 from .recipes import apply_recipe, optimizer, schedule
@@ -62,6 +63,13 @@ class TrainConfig:
     resume: bool = False
     fsdp: bool = False
     device: str = "auto"
+    # LoRA (lora.py, needs `pip install nanopali[lora]`): adapters of this rank on the decoder's linear
+    # layers train and the base model is frozen; recipe then names base parameters trained in full
+    # besides ("full" = none). Checkpoints hold the merged model.
+    lora_rank: int = 0                  # 0: no LoRA
+    lora_alpha: float = 16.0            # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # among q/k/v/o_proj, gate/up/down_proj
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -93,14 +101,20 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _write_model(model, processor, d: distributed.Dist):
-    """A function writing the full model (gathered from all ranks under FSDP) and processor files."""
+def _model_state(model, config: TrainConfig) -> tuple[dict, dict | None]:
+    """(full weights in the Hugging Face layout, LoRA adapter tensors or None), on rank 0 only.
+
+    Gathered from all ranks under FSDP (every rank must call this); other ranks get empty dicts.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    base = distributed.unwrap(model)
+    return lora.merge(state, config.lora_alpha / config.lora_rank) if config.lora_rank else (state, None)
 
+
+def _write_model(state: dict, model_config, processor):
+    """A function writing config.json, the weights and the processor files into a directory."""
     def write(path: Path) -> None:
-        base.config.save_pretrained(path)
+        model_config.save_pretrained(path)
         save_state_dict(state, path)
         processor.save_pretrained(path)
     return write
@@ -129,20 +143,28 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(out)
     resume_from = checkpoint.latest(out) if config.resume else None
+    state = checkpoint.load_state(resume_from) if resume_from is not None else None
     torch.manual_seed(config.seed)
 
     model = PaliGemma.from_pretrained(resume_from or config.model, device=d.device)
     processor = Processor.from_pretrained(resume_from or config.model)
-    apply_recipe(model, config.recipe)
+    if state is not None and (config.lora_rank or state["config"].get("lora_rank")):
+        lora.check_resume_options(state["config"], asdict(config))
+        lora.restore_base_weights(model, config.model, config.lora_targets)  # the checkpoint holds merged weights
+    if config.lora_rank:
+        lora.apply(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, config.recipe)
+        if state is not None:
+            lora.load_adapter(model, state["lora"])
+    else:
+        apply_recipe(model, config.recipe)
     model.gradient_checkpointing(config.activation_checkpointing)
     model.train()
     wrapped = distributed.wrap(model, d, config.fsdp)
     opt = optimizer(wrapped, config.lr, config.weight_decay, config.lr_scale)
     sched = schedule(opt, config.warmup_steps, config.steps, config.min_lr_ratio)
     step = 0
-    if resume_from is not None:
+    if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        state = checkpoint.load_state(resume_from)
         set_optimizer_state_dict(wrapped, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -161,11 +183,14 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
     def save(at: int) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         opt_state = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        write = _write_model(wrapped, processor, d)
+        weights, adapter = _model_state(wrapped, config)
         path = out / f"{checkpoint.PREFIX}{at:06d}"
         if d.main:
             trainer_state = {"step": at, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
                              "data_position": at * per_step, "config": asdict(config)}
+            if adapter is not None:
+                trainer_state["lora"] = adapter
+            write = _write_model(weights, distributed.unwrap(wrapped).config, processor)
             path = checkpoint.save(out, at, write, trainer_state, config.keep_checkpoints)
         d.barrier()
         return path
@@ -227,7 +252,8 @@ def _evaluate(model, processor, examples, config: TrainConfig, d: distributed.Di
     """Evaluate on rank 0 (other ranks wait), or on every rank under FSDP, whose layers need all ranks."""
     result = {}
     if d.main or config.fsdp:
-        result = {f"eval/{k}": v for k, v in evaluate(distributed.unwrap(model), processor, examples,
-                                                      config.batch_size, config.eval_max_new_tokens).items()}
+        with distributed.root_unsharded(model):
+            result = {f"eval/{k}": v for k, v in evaluate(distributed.unwrap(model), processor, examples,
+                                                          config.batch_size, config.eval_max_new_tokens).items()}
     d.barrier()
     return result
