@@ -1,7 +1,11 @@
 """Benchmark generation: prefill latency, decode tokens/s and peak memory of nanopali vs transformers.
 
     python benchmarks/bench_generate.py --model /tmp/pg3b --new-tokens 16 --runs 3
+    python benchmarks/bench_generate.py --quick            # 2-layer model of the 3B's widths, about a minute
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
+
+Frameworks (--frameworks): nanopali (its default, the compiled decode kernel of fast.py),
+nanopali-plain (fast=False: F.linear everywhere), nanopali-int8 (quantize="int8"), transformers.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",
@@ -16,6 +20,10 @@ loading and generating. What is timed, identically on both sides, greedy:
 Run 0 of each is a warm-up and is dropped; the table shows medians (and bests) over the other runs,
 and how much of the CPUs other processes took meanwhile (from /proc/stat): on a shared machine a
 busy neighbour slows a run several-fold, so rerun when that row is not near 0.
+Before the workers, the driver measures the machine on the spot: memory read bandwidth (a 1 GiB
+fp32 torch.sum) and bf16 matmul throughput (2048³ GEMM). The decode bound is that bandwidth divided
+by the bytes one decode step must read (every decoder weight and the tied head, in the run's
+dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower).
 transformers uses its default attention (reported in the table) and its default DynamicCache;
 nanopali uses its static cache. The ratio column is nanopali / transformers.
 """
@@ -29,6 +37,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +45,8 @@ import torch
 
 PROMPT_TOKENS = 10  # random text ids between <bos> and "\n"
 NEWLINE = 108       # "\n" in the Gemma tokenizer
-FRAMEWORKS = ("nanopali", "transformers")
+QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
+FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "transformers")
 
 
 # ---------------------------------------------------------------- worker: one framework per process
@@ -62,9 +72,9 @@ def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0) -> dict[s
 
 
 class NanoPali:
-    def __init__(self, path: str, dtype: torch.dtype):
+    def __init__(self, path: str, dtype: torch.dtype, fast: bool = True, quantize: str | None = None):
         from nanopali import PaliGemma
-        self.model = PaliGemma.from_pretrained(path, dtype=dtype)
+        self.model = PaliGemma.from_pretrained(path, dtype=dtype, fast=fast, quantize=quantize)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
 
     def prefill(self, inputs, new_tokens: int):
@@ -129,13 +139,17 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype)
-    fw, load_s = timed({"nanopali": NanoPali, "transformers": Transformers}[args.worker], args.model, dtype)
+    make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d: NanoPali(p, d, fast=False),
+            "nanopali-int8": lambda p, d: NanoPali(p, d, quantize="int8"), "transformers": Transformers}[args.worker]
+    fw, load_s = timed(make, args.model, dtype)
     rss_after_load = peak_rss_gib()
     n, prefill_s, decode_s, generate_s, busy = args.new_tokens, [], [], [], []
     for run in range(args.runs + 1):
         cpu_start, wall_start = cpu_seconds(), time.perf_counter()
         (logits, state), t = timed(fw.prefill, inputs, n)
         prefill_s.append(t)
+        if run == 0 and args.logits_out:
+            torch.save(logits[0].float(), args.logits_out)  # row 0's next-token logits after the prefill
         tokens = [logits.argmax(-1)]
         start = time.perf_counter()
         for _ in range(n):
@@ -164,13 +178,59 @@ def worker(args) -> dict:
 
 # ---------------------------------------------------------------- driver: run the workers, print the table
 
-def run_worker(framework: str, args) -> dict:
+def quick_checkpoint(dtype: str) -> Path:
+    """The --quick model: paligemma-3b-224's widths and vocabulary, 2 decoder and 2 vision layers, random weights."""
+    out = QUICK_DIR / dtype
+    if (out / "config.json").is_file():
+        return out
+    from dataclasses import replace
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_random_checkpoint import random_state
+    from nanopali.registry import named_config
+    from nanopali.weights import save_state_dict
+    config = named_config("paligemma-3b-224")
+    config = replace(config, text_config=replace(config.text_config, num_hidden_layers=2, layer_types=config.text_config.layer_types[:2]),
+                     vision_config=replace(config.vision_config, num_hidden_layers=2))
+    config.save_pretrained(out)
+    save_state_dict(random_state(config, getattr(torch, dtype)), out)
+    return out
+
+
+def run_worker(framework: str, args, logits_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--model", str(args.model), "--new-tokens", str(args.new_tokens),
-           "--runs", str(args.runs), "--threads", str(args.threads), "--batch", str(args.batch), "--dtype", args.dtype]
+           "--runs", str(args.runs), "--threads", str(args.threads), "--batch", str(args.batch), "--dtype", args.dtype,
+           "--logits-out", str(logits_dir / f"{framework}.pt")]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress and warnings go to stderr
     if proc.returncode != 0:
         raise SystemExit(f"the {framework} worker failed (exit {proc.returncode}); its errors are printed above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def measure_machine(threads: int) -> dict:
+    """Memory read bandwidth (GB/s: the best of fp32 sum, bf16 sum and fp32 amax over 1 GiB) and bf16 GEMM
+    throughput (GFLOP/s, 2048³), each the best of 5 repeats."""
+    torch.set_num_threads(threads)
+    f32, b16 = torch.ones(2**28), torch.ones(2**29, dtype=torch.bfloat16)
+    a, b = torch.randn(2048, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
+    best = lambda fn: (fn(), min(timed(fn)[1] for _ in range(5)))[1]
+    bandwidth = max(2**30 / best(f32.sum), 2**30 / best(b16.sum), 2**30 / best(f32.amax)) / 1e9
+    return dict(bandwidth_gbs=bandwidth, matmul_gflops=2 * 2048**3 / best(lambda: a @ b) / 1e9)
+
+
+def model_costs(path: Path, dtype: str) -> dict:
+    """Bytes one decode step reads (decoder weights + tied head) and prefill FLOPs per prompt, from config.json."""
+    from nanopali import PaliGemma, PaliGemmaConfig
+    config = PaliGemmaConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = PaliGemma(config)
+    decoder = sum(p.numel() for p in model.decoder.parameters())
+    layers = decoder - model.decoder.embed_tokens.weight.numel()
+    vision = sum(p.numel() for p in model.vision.parameters())
+    T = config.num_image_tokens + 2 + PROMPT_TOKENS
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return dict(decode_bytes={"bf16": decoder * itemsize, "int8": decoder},  # int8: 1 byte per weight (+ tiny scales)
+                prefill_flop=2 * (layers * T + vision * config.num_image_tokens))
 
 
 def report(results: dict[str, dict], weight_gib: float, args) -> str:
@@ -189,33 +249,69 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
     for r in results.values():
         r["rss_per_weight"] = r["peak_rss_gib"] / weight_gib
     names = list(results)
-    lines = [f"{'':34}" + "".join(f"{n:>14}" for n in names) + (f"{'ratio':>10}" if len(names) == 2 else "")]
+    lines = [f"{'':34}" + "".join(f"{n:>16}" for n in names) + (f"{'ratio':>10}" if len(names) == 2 else "")]
     for label, key, fmt in rows:
         cells = [fmt.format(results[n][key]) for n in names]
         a, b = (results[n][key] for n in names[:2]) if len(names) == 2 else (0, 0)
         ratio = f"{a / b:>10.2f}" if b and key != "other_load_pct" else ""
-        lines.append(f"{label:34}" + "".join(f"{c:>14}" for c in cells) + ratio)
+        lines.append(f"{label:34}" + "".join(f"{c:>16}" for c in cells) + ratio)
     lines.append(f"weights: {weight_gib:.2f} GiB on disk; threads: {results[names[0]]['threads']}; dtype: {args.dtype}")
     lines += [f"{n} attention: {results[n]['attention']}" for n in names]
-    if len(names) == 2:
-        a, b = (results[n]["tokens"] for n in names)
-        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        lines.append(f"greedy tokens agree for the first {agree} of {len(a)} (row 0)")
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Path, args) -> str:
+    """Ratios against transformers, the bandwidth bound, prefill GFLOP/s and agreement with nanopali bf16."""
+    bw = machine["bandwidth_gbs"]
+    lines = [f"machine, measured now: memory read {bw:.1f} GB/s, bf16 matmul {machine['matmul_gflops']:.0f} GFLOP/s"]
+    for name, r in results.items():
+        kind = "int8" if name.endswith("int8") else "bf16"
+        bound = args.batch * bw * 1e9 / costs["decode_bytes"][kind]
+        gflops = costs["prefill_flop"] * args.batch / (r["prefill_ms"] / 1000) / 1e9
+        line = (f"{name:15s} decode {r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_tok_s'] / bound:3.0f}% of the "
+                f"{kind} bound {bound:5.2f} ({costs['decode_bytes'][kind] / 1e9:.2f} GB/token); prefill "
+                f"{gflops:4.0f} GFLOP/s = {100 * gflops / machine['matmul_gflops']:3.0f}% of the matmul peak")
+        if "transformers" in results and name != "transformers":
+            tf = results["transformers"]
+            line += (f"; vs transformers: decode {r['decode_tok_s'] / tf['decode_tok_s']:.2f}x, "
+                     f"prefill latency {r['prefill_ms'] / tf['prefill_ms']:.2f}x, "
+                     f"peak RSS {r['peak_rss_gib'] / tf['peak_rss_gib']:.2f}x")
+        lines.append(line)
+    ref_name = "nanopali" if "nanopali" in results else next(iter(results))
+    ref_logits = torch.load(logits_dir / f"{ref_name}.pt")
+    for name, r in results.items():
+        if name == ref_name:
+            continue
+        a, b = ref_logits, torch.load(logits_dir / f"{name}.pt")
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
+        x, y = results[ref_name]["tokens"], r["tokens"]
+        agree = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
+        lines.append(f"{name} vs {ref_name}: prefill logits cosine {cos:.5f}; greedy tokens agree for the first "
+                     f"{agree} of {len(x)} (row 0)")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--new-tokens", type=int, default=16, help="decode steps to time (and generate() length)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs, after one warm-up run")
+    p.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--quick", action="store_true", help=f"build (once) and use {QUICK_DIR}: the 3B's widths with 2 "
+                   "decoder and 2 vision layers, random weights; implies --runs 2 --new-tokens 8 unless given")
+    p.add_argument("--new-tokens", type=int, help="decode steps to time (and generate() length); default 16")
+    p.add_argument("--runs", type=int, help="timed runs, after one warm-up run; default 3")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of nanopali,transformers")
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--logits-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.model = args.model or str(quick_checkpoint(args.dtype))
+        args.runs, args.new_tokens = args.runs or 2, args.new_tokens or 8
+    args.runs, args.new_tokens = args.runs or 3, args.new_tokens or 16
+    if not args.model:
+        p.error("--model DIR or --quick is required")
     if args.new_tokens < 1 or args.runs < 1 or args.batch < 1 or args.threads < 1:
         p.error("--new-tokens, --runs, --batch and --threads must be >= 1")
     if args.worker:
@@ -230,11 +326,16 @@ def main(argv=None) -> None:
         weight_gib = sum(f.stat().st_size for f in checkpoint_files(Path(args.model))) / 2**30
     except CheckpointError as e:
         p.error(str(e))
-    results = {f: run_worker(f, args) for f in frameworks}
-    print(report(results, weight_gib, args))
+    costs = model_costs(Path(args.model), args.dtype)
+    with tempfile.TemporaryDirectory() as logits_dir:
+        results = {f: run_worker(f, args, Path(logits_dir)) for f in frameworks}
+        # after the workers: Linux carries a parent's peak RSS into its children's ru_maxrss
+        machine = measure_machine(args.threads)
+        print(report(results, weight_gib, args))
+        print(summary(results, machine, costs, Path(logits_dir), args))
     if args.json:
         args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, weight_gib=weight_gib,
-                                             results=results), indent=2))
+                                             machine=machine, costs=costs, results=results), indent=2))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it comes")
     common.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="latency and tokens/s")
     common.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
+    common.add_argument("--quantize", choices=["int8"], help="quantize the decoder weights after loading (faster decoding)")
+    common.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                        help="compiled decode-step kernel; --no-fast uses F.linear everywhere (for debugging)")
 
     def task(name, help, *positional):
         s = sub.add_parser(name, parents=[common], help=help)
@@ -97,7 +100,8 @@ def _generation(args) -> dict:
 def _load(args):
     if not args.model:
         raise ValueError("no default model is shipped yet: pass --model with a PaliGemma checkpoint directory")
-    return load(args.model, dtype=DTYPES[args.dtype], device=args.device, vae=args.vae, progress=sys.stderr.isatty())
+    return load(args.model, dtype=DTYPES[args.dtype], device=args.device, vae=args.vae, progress=sys.stderr.isatty(),
+                quantize=args.quantize, fast=args.fast)
 
 
 def _report(args, pali, text: str, seconds: float, prompt: str) -> None:

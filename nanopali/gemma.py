@@ -8,7 +8,9 @@ head. Gemma 2 adds (TextConfig flags): post-attention and post-MLP norms, attent
 query_pre_attn_scalar^-0.5, attention and final logit soft-caps, and sliding-window layers.
 
 Not here: the attention mask (masks.py), the image embeddings (model.py), the KV cache
-(kv_cache.py). Parameter names follow the Hugging Face `GemmaModel` / `Gemma2Model` keys.
+(kv_cache.py), the decode-step matrix kernel (fast.py, used by `Linear` and `Embedding.attend` for
+single-row products without autograd). Parameter names follow the Hugging Face `GemmaModel` /
+`Gemma2Model` keys.
 """
 
 from __future__ import annotations
@@ -18,8 +20,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fast
 from .attention import attend
 from .config import TextConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) whose single-row inference products take fast.py's compiled kernel."""
+
+    fast = True  # fast.enable(model, False) turns the kernel off
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and self.fast and fast.uses_kernel(x, self.weight):
+            return fast.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, which is also the tied output head (`attend`)."""
+
+    fast = True
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., vocab_size) = h @ weightᵀ."""
+        return fast.linear(h, self.weight, fast=self.fast)
 
 
 class RMSNorm(nn.Module):
@@ -54,10 +78,10 @@ class GemmaAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcapping
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None):
         B, T, _ = x.shape
@@ -74,9 +98,9 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -114,14 +138,14 @@ class GemmaDecoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # recompute each layer in backward instead of storing activations
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight
-        return F.embedding(input_ids, weight) * torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype)
+        x = self.embed_tokens(input_ids)                                             # (B, T, D)
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
     def forward(
         self,
@@ -142,7 +166,7 @@ class GemmaDecoder(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head (B, T, D) -> (B, T, vocab_size), with Gemma 2's final soft-cap."""
-        logits = F.linear(h, self.embed_tokens.weight)
+        logits = self.embed_tokens.attend(h)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import fast as fast_kernel
 from . import weights
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
@@ -52,6 +53,7 @@ class PaliGemma(nn.Module):
         # Ids >= vocab_limit are embedding padding rows, never generated. from_pretrained sets it to
         # the size of the checkpoint's tokenizer; None means every row is a real token.
         self.vocab_limit: int | None = None
+        self.quantized: str | None = None  # "int8" after quantize.quantize (inference only; cannot be saved)
 
     @property
     def vision(self) -> SiglipVisionModel:
@@ -123,6 +125,8 @@ class PaliGemma(nn.Module):
         device: str | torch.device = "cpu",
         use_sliding_window: bool = True,
         progress: bool = False,
+        quantize: str | None = None,
+        fast: bool = True,
     ) -> "PaliGemma":
         """Load a Hugging Face layout checkpoint directory (config.json + safetensors).
 
@@ -130,6 +134,8 @@ class PaliGemma(nn.Module):
         to `dtype` one at a time: no second copy of the weights is ever made.
         `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
         `progress=True` shows a progress bar while the tensors are read.
+        `quantize="int8"` quantizes the decoder weights after loading (quantize.py; inference only).
+        `fast=False` turns off the compiled decode-step kernel (fast.py), e.g. to compare against it.
         """
         path = Path(path)
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
@@ -140,10 +146,16 @@ class PaliGemma(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if (path / "tokenizer.model").is_file():
             model.vocab_limit = Tokenizer.from_pretrained(path).vocab_size
-        return model.eval()
+        if quantize is not None:
+            from .quantize import quantize as quantize_model
+            quantize_model(model, quantize)
+        return fast_kernel.enable(model, fast).eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write config.json and the Hub-layout safetensors that transformers and nanopali load."""
+        if self.quantized:
+            raise ValueError(f"this model was quantized to {self.quantized} after loading and cannot be saved in the "
+                             "checkpoint layout; load the checkpoint again without quantize= and save that model")
         self.config.save_pretrained(path)
         weights.save_state_dict(self.state_dict(), path, max_shard_size)
 

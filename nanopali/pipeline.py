@@ -55,12 +55,15 @@ class Objects(list):
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         vae: str | Path | None = None, progress: bool = False) -> "Pali":
-    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment)."""
+         vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
+    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
+
+    quantize="int8" and fast=False are PaliGemma.from_pretrained's (quantize.py, fast.py).
+    """
     if path is None:
         raise ValueError("no default model is shipped yet: pass a PaliGemma checkpoint directory")
     path = Path(path)
-    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast)
     processor = Processor.from_pretrained(path)
     vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
     return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path)

@@ -1,0 +1,118 @@
+"""The fast decode-step matrix products for CPU inference: compiled fp32-accumulating matrix-vector kernels.
+
+    y = linear(x, weight, scale=None)   # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N) in x.dtype
+
+Why. A decode step multiplies one row per sequence by every weight matrix, so it is bound by how
+fast the weights stream from memory. On this project's 2-core Zen 4 machine torch's bf16 GEMV
+(F.linear -> oneDNN) streams ~20 GB/s where the memory gives ~37 GB/s. Written as an elementwise
+product and a row sum, `(x[:, None, :] * w.float()).sum(-1)`, inductor's CPU backend generates one
+vectorised loop that reads each weight row once, converts it to fp32 in registers and accumulates:
+~31-34 GB/s for bf16 weights, and the same loop on int8 weights (quantize.py) reads half the bytes,
+with the per-channel scales applied to the N outputs. BENCHMARKS.md has the measurements.
+
+Which path a product takes (only without autograd, on CPU, when the layer's `fast` flag is on):
+
+    one row, rows of K <= MAX_K      the compiled loop (bf16, fp16 or int8 weights)
+    one row, K > MAX_K               bf16: F.linear; int8: torch._weight_int8pack_mm
+    2..MAX_ROWS rows                 bf16: F.linear; int8: torch._weight_int8pack_mm
+    more rows (prefill)              bf16: F.linear; int8: a compiled dequantisation, then F.linear
+
+(For more than one row the loop re-reads each weight row per input row and loses to F.linear; for
+K > MAX_K the fp32 x no longer stays in the L1 cache next to the streamed row, and the loop fell
+to ~20 GB/s for the 2048×16384 down projection, where int8pack gives 27.)
+Training, and everything with `fast` off (`enable(model, False)`, `from_pretrained(..., fast=False)`,
+the CLI's `--no-fast`), takes plain F.linear.
+
+The kernels are compiled on first use with dynamic shapes (a few seconds) and need a C++ compiler;
+if compilation fails, a warning is printed and the plain path is used from then on.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
+MAX_K = 4096    # longest row the compiled loop takes (see above)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x (M, K) · weight (N, K) of any dtype [· fp32 scale (N,)] -> (M, N) in dtype: one pass over the weight.
+
+    x comes in fp32 (converted once, outside): converting it inside would redo it for every weight row.
+    """
+    y = (x[:, None, :] * weight[None].float()).sum(-1)                  # (M, N), accumulated in fp32
+    return (y if scale is None else y * scale).to(dtype)
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 (N, K) and fp32 scale (N,) -> (N, K) in dtype, in one fused pass."""
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
+_compiled: dict[tuple, object] = {}  # (function, weight dtype) -> its compiled version
+_broken = False  # set when compilation failed once; then the plain path is used
+
+
+def _run(fn, *args):
+    """Call the compiled `fn` (compiled once per weight dtype); None if compilation is unavailable."""
+    global _broken
+    key = (fn.__name__, args[1].dtype if fn is _matvec else args[0].dtype)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[key](*args)
+    except Exception as e:  # no C++ compiler, unsupported platform, ...
+        _broken = True
+        warnings.warn(f"nanopali.fast: compiling the decode kernel failed ({type(e).__name__}: {e}); "
+                      "using F.linear from now on", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _kernel(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (M, K) -> (M, N) in x.dtype through the compiled _matvec (None if it cannot be compiled)."""
+    # detach: a Parameter and a plain Tensor would compile twice
+    return _run(_matvec, x.float(), weight.detach(), scale, x.dtype)
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) takes the compiled matrix-vector loop."""
+    K = weight.shape[-1]
+    return (_fast_context(x) and x.numel() == K and K <= MAX_K
+            and (weight.dtype == torch.int8 or weight.dtype in HALF))
+
+
+def _fast_context(x: torch.Tensor) -> bool:
+    return not _broken and not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)ᵀ, times scale (N,) if given, in x.dtype; see the table in the module docstring."""
+    *lead, K = x.shape
+    N = weight.shape[0]
+    rows = x.numel() // K
+    if fast and uses_kernel(x, weight):
+        y = _kernel(x.reshape(1, K), weight, scale)
+        if y is not None:
+            return y.view(*lead, N)
+    int8 = weight.dtype == torch.int8
+    if int8 and fast and _fast_context(x) and x.dtype in HALF + (torch.float32,) and hasattr(torch, "_weight_int8pack_mm"):
+        if rows <= MAX_ROWS:
+            return torch._weight_int8pack_mm(x.reshape(rows, K), weight, scale.to(x.dtype)).view(*lead, N)
+        w = _run(_dequantize, weight, scale, x.dtype)
+        if w is not None:
+            return F.linear(x, w)
+    if int8:  # the plain path: dequantize one matrix eagerly (a transient copy)
+        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
+    return F.linear(x, weight) if scale is None else F.linear(x, weight) * scale.to(x.dtype)
+
+
+def enable(model: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+    """Turn the fast paths on or off for every layer of `model` that has a `fast` flag (decoder linears and head)."""
+    for module in model.modules():
+        if hasattr(module, "fast"):
+            module.fast = on
+    return model
