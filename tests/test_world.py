@@ -1,0 +1,204 @@
+"""The toy world: deterministic scenes, and examples that agree with the scene they describe."""
+
+import importlib.util
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanopali.tasks import SegmentationVAE, parse_objects
+from nanopali.train import JsonlDataset
+from nanopali.world import COLORS, POSITIONS, SHAPES, WORDS, detection, examples, make_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+VAE_PATH = ROOT.parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+SEEDS = range(40)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return SegmentationVAE.from_npz(VAE_PATH)
+
+
+@pytest.fixture(scope="module")
+def scenes(vae):
+    """(scene, examples) for each seed, both drawn from one random.Random as the script does."""
+    out = []
+    for seed in SEEDS:
+        rng = random.Random(seed)
+        scene = make_scene(rng)
+        out.append((scene, examples(scene, rng, vae)))
+    return out
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def normalized(box, size):
+    x0, y0, x1, y1 = box
+    return np.array([y0 / size[1], x0 / size[0], y1 / size[1], x1 / size[0]])
+
+
+def test_same_seed_same_scene_and_examples_other_seed_differs(vae):
+    def make(seed):
+        rng = random.Random(seed)
+        scene = make_scene(rng)
+        return png(scene.image), examples(scene, rng, vae)
+
+    assert make(3) == make(3)
+    assert make(3)[0] != make(4)[0], "seeds 3 and 4 drew the same image"
+    a, b = make_scene(np.random.default_rng(5)), make_scene(np.random.default_rng(5))
+    assert png(a.image) == png(b.image), "a numpy Generator seed is not deterministic"
+
+
+def test_scenes_are_well_formed(scenes):
+    counts = {len(scene.objects) for scene, _ in scenes}
+    assert counts == {1, 2, 3, 4}, f"40 seeds drew object counts {counts}"
+    assert {scene.background for scene, _ in scenes} == {"plain", "gradient", "noise"}
+    for scene, _ in scenes:
+        pixels = np.asarray(scene.image).astype(int)
+        taken = np.zeros(pixels.shape[:2], dtype=bool)
+        for obj in scene.objects:
+            assert obj.shape in SHAPES and obj.color in COLORS
+            assert max(abs(a - b) for a, b in zip(obj.rgb, COLORS[obj.color])) <= 12
+            assert not (obj.mask & taken).any(), "visible masks overlap"
+            taken |= obj.mask
+            ys, xs = np.nonzero(obj.mask)
+            assert obj.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), "box is not the mask's tight box"
+            assert (pixels[obj.mask] == obj.rgb).all(), "the visible mask is not painted in the object's colour"
+        if scene.word:
+            x0, y0, x1, y1 = scene.word_box
+            assert not taken[y0:y1, x0:x1].any(), "the word covers an object"
+            taken[y0:y1, x0:x1] = True
+        background = pixels[~taken]
+        for obj in scene.objects:  # a background pixel never looks like an object
+            assert np.sqrt(((background - obj.rgb) ** 2).sum(-1)).min() >= 60
+
+
+def test_detect_suffixes_parse_back_to_the_objects(scenes):
+    for scene, exs in scenes:
+        asked = [e for e in exs if e["prefix"].startswith("detect ")]
+        every = " ".join(sorted({o.shape for o in scene.objects}))
+        prompts = [(e["prefix"][7:].split(" ; "), e["suffix"]) for e in asked]
+        prompts.append((every.split(), detection(scene, every.split())))
+        for labels, suffix in prompts:
+            parsed = parse_objects(suffix, image_size=scene.size)
+            assert not parsed.dropped, parsed.dropped
+            expected = [o for label in labels for o in sorted(scene.objects, key=lambda o: (o.box[1], o.box[0]))
+                        if o.shape == label]
+            assert [p.label for p in parsed] == [o.shape for o in expected]
+            for p, o in zip(parsed, expected):
+                err = np.abs(np.array(p.box_normalized) - normalized(o.box, scene.size)).max()
+                assert err <= 1 / 1023, f"{suffix}: box {p.box} vs object {o.box}"
+                assert max(abs(a - b) for a, b in zip(p.box, o.box)) <= 1
+
+
+def test_segment_suffix_decodes_to_the_named_object(scenes, vae):
+    for scene, exs in scenes:
+        (seg,) = [e for e in exs if e["prefix"].startswith("segment ")]
+        name = seg["prefix"][len("segment "):]
+        matches = [o for o in scene.objects if name in (o.shape, o.label)]
+        assert len(matches) == 1, f"'{seg['prefix']}' does not name exactly one object"
+        parsed = parse_objects(seg["suffix"], image_size=scene.size, vae=vae)
+        assert not parsed.dropped and len(parsed) == 1, parsed.dropped
+        (obj,) = parsed
+        assert obj.label == name and len(obj.seg) == 16
+        assert obj.mask is not None and obj.mask.shape == (scene.size[1], scene.size[0])
+        err = np.abs(np.array(obj.box_normalized) - normalized(matches[0].box, scene.size)).max()
+        assert err <= 1 / 1023
+
+
+def where(obj, size) -> str:
+    cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
+    row = "top" if cy < size[1] / 3 else "bottom" if cy >= 2 * size[1] / 3 else ""
+    col = "left" if cx < size[0] / 3 else "right" if cx >= 2 * size[0] / 3 else ""
+    return f"{row} {col}".strip() or "center"
+
+
+def test_answers_agree_with_the_scene(scenes):
+    asked = set()
+    for scene, exs in scenes:
+        objs = scene.objects
+        for e in exs:
+            q, a = e["prefix"], e["suffix"]
+            if m := re.fullmatch(r"answer en how many (\w+?)(es|s) are there\?", q):
+                shape = m.group(1) if m.group(1) in SHAPES else m.group(1) + "e"
+                want = len(objs) if shape == "shape" else sum(o.shape == shape for o in objs)
+                assert a == str(want), (q, a)
+            elif m := re.fullmatch(r"answer en what color is the (\w+)\?", q):
+                (obj,) = [o for o in objs if o.shape == m.group(1)]
+                assert a == obj.color, (q, a)
+            elif m := re.fullmatch(r"answer en what shape is the (\w+) object\?", q):
+                (obj,) = [o for o in objs if o.color == m.group(1)]
+                assert a == obj.shape, (q, a)
+            elif m := re.fullmatch(r"answer en where is the (.+)\?", q):
+                (obj,) = [o for o in objs if m.group(1) in (o.shape, o.label)]
+                assert a in POSITIONS and a == where(obj, scene.size), (q, a, obj.box)
+            else:
+                assert not q.startswith("answer"), f"unexpected question {q!r}"
+                continue
+            asked.add(q.split()[2])
+    assert asked == {"how", "what", "where"}
+
+
+def test_captions_describe_the_scene(scenes):
+    label = r"an? (\w+) (\w+)"
+    for scene, exs in scenes:
+        (cap,) = [e["suffix"] for e in exs if e["prefix"] == "caption en"]
+        if scene.word:
+            assert cap.endswith(f' with the word "{scene.word}"')
+            cap = cap[: -len(f' with the word "{scene.word}"')]
+        objs = scene.objects
+        if len(objs) == 1:
+            assert cap == f"{'an' if objs[0].color[0] in 'aeiou' else 'a'} {objs[0].label}"
+        elif len(objs) == 2:
+            m = re.fullmatch(f"{label} (above|below|left of|right of) {label}", cap)
+            assert m, cap
+            a = next(o for o in objs if (o.color, o.shape) == m.group(1, 2))
+            b = next(o for o in objs if (o.color, o.shape) == m.group(4, 5) and o is not a)
+            dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+            along = {"above": dy, "below": -dy, "left of": dx, "right of": -dx}[m.group(3)]
+            assert along > 0 and along == max(abs(dx), abs(dy)), (cap, a.box, b.box)
+            order = [(SHAPES.index(o.shape), list(COLORS).index(o.color)) for o in (a, b)]
+            assert order[0] <= order[1], f"{cap}: not in SHAPES, then COLORS order"
+        else:
+            numbers = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}
+            total = sum(numbers[part.split()[0]] for part in re.split(r", | and ", cap))
+            assert total == len(objs), cap
+
+
+def test_ocr_is_the_rendered_word(scenes):
+    words = 0
+    for scene, exs in scenes:
+        ocr = [e["suffix"] for e in exs if e["prefix"] == "ocr"]
+        assert ocr == ([scene.word] if scene.word else [])
+        assert scene.word is None or scene.word in WORDS
+        words += bool(scene.word)
+    assert 0 < words < len(scenes)
+
+
+def test_script_writes_jsonl_the_trainer_loads(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_world_data", ROOT / "scripts" / "make_world_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(tmp_path), "--n", "6", "--seed", "1", "--size", "128", "--vae", str(VAE_PATH)])
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    data = JsonlDataset(tmp_path / "train.jsonl", skip_bad=True)
+    assert data.skipped == [] and len(data) == len(lines)
+    assert {json.loads(line)["image"] for line in lines} == {f"images/{i:06d}.png" for i in range(6)}
+    printed = capsys.readouterr().out
+    assert "caption" in printed and "segment" in printed and f"total                {len(lines)}" in printed
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="too small"):
+        make_scene(random.Random(0), size=16)
+    with pytest.raises(TypeError, match="random.Random"):
+        make_scene("seed")
