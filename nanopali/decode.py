@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
-from .masks import positions_of, prefix_lm_mask
+from .masks import positions_of, prefix_lm_inputs, prefix_lm_mask
 
 
 @dataclass
@@ -57,13 +57,9 @@ def prefill(model, input_ids, pixel_values=None, attention_mask=None, token_type
     rows_per_input > 1 repeats every row (beam search) after the prefill. Returns the logits of the
     token after each row's last real token (B * rows_per_input, V) and the decode state.
     """
+    attention_mask, token_type_ids = prefix_lm_inputs(input_ids, attention_mask, token_type_ids)
     B, T = input_ids.shape
     device = input_ids.device
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-    if attention_mask.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and token_type_ids {tuple(token_type_ids.shape)} "
-                         f"must have the shape of input_ids {tuple(input_ids.shape)}")
     valid = attention_mask.bool()
     if not valid.any(-1).all():
         raise ValueError("a row of attention_mask is all zeros: nothing to generate from")

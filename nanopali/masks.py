@@ -46,6 +46,20 @@ def prefix_lm_mask(
     return allowed[:, None]
 
 
+def prefix_lm_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     token_type_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Defaults and checks for the mask inputs: a missing attention_mask is all ones (every token real),
+    missing token_type_ids all zeros (everything prefix). Both must have the shape (B, T) of input_ids."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+    return attention_mask, token_type_ids
+
+
 def sequence_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """The mask of a whole sequence attending to itself (training, uncached forward, prefill).
 

@@ -23,7 +23,7 @@ from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder
 from .generate import generate
 from .loss import suffix_loss
-from .masks import positions_of, sequence_mask
+from .masks import positions_of, prefix_lm_inputs, sequence_mask
 from .tokenizer import Tokenizer
 from .vision import SiglipVisionModel
 
@@ -92,13 +92,7 @@ class PaliGemma(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; default all ones
         token_type_ids: torch.Tensor | None = None,  # (B, T), 0 = prefix, 1 = suffix; default all prefix
     ) -> torch.Tensor:                               # (B, T, D) after the final norm
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+        attention_mask, token_type_ids = prefix_lm_inputs(input_ids, attention_mask, token_type_ids)
         x = self.embed(input_ids, pixel_values)
         masks = {w: sequence_mask(attention_mask, token_type_ids, w) for w in self.decoder.windows}
         return self.decoder(x, positions_of(attention_mask), masks)
