@@ -26,6 +26,11 @@ def default_vocab_limit(model) -> int:
     return model.vocab_limit or model.config.text_config.vocab_size
 
 
+def tokenizer_settings(tokenizer) -> dict:
+    """The generate() arguments a tokenizer fixes: its <eos> and pad ids and its vocabulary size."""
+    return {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "vocab_limit": tokenizer.vocab_size}
+
+
 def _rules(model, device, eos_token_id, pad_token_id, vocab_limit, repetition_penalty) -> tuple[dict, int]:
     text = model.config.text_config
     eos = [text.eos_token_id] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .generate import tokenizer_settings
 from .images import load_image
 from .model import PaliGemma
 from .processor import Processor
@@ -147,8 +148,7 @@ class Pali:
         tok = self.processor.tokenizer
         batch = self.processor(images=images, prompts=prompts, padding_side="left")
         start = time.perf_counter()
-        out = self.model.generate(**batch, return_logprobs=True, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                                  vocab_limit=tok.vocab_size, **kwargs)
+        out = self.model.generate(**batch, return_logprobs=True, **{**tokenizer_settings(tok), **kwargs})
         self.stats = {"new_tokens": int((out.tokens != tok.pad_id).sum()), "seconds": time.perf_counter() - start}
         rows = []
         for ids, logprobs in zip(out.tokens.tolist(), out.logprobs.tolist()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .generate import generate_tokens
+from .generate import generate_tokens, tokenizer_settings
 
 
 class IncrementalDecoder:
@@ -50,9 +50,7 @@ def stream(model, processor, image, prompt: str, **generate_kwargs) -> Iterator[
     tokenizer = processor.tokenizer
     eos = {tokenizer.eos_id}
     decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    generate_kwargs.setdefault("eos_token_id", tokenizer.eos_id)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
-    generate_kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
+    generate_kwargs = {**tokenizer_settings(tokenizer), **generate_kwargs}
     if generate_kwargs.get("stop_strings"):
         generate_kwargs.setdefault("tokenizer", tokenizer)
     for token, _ in generate_tokens(model, **{k: v for k, v in batch.items() if k != "labels"}, **generate_kwargs):

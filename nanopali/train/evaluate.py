@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 
+from ..generate import tokenizer_settings
 from ..images import load_image
 from ..tasks import parse_objects
 
@@ -63,8 +64,7 @@ def evaluate(model, processor, examples, batch_size: int = 8, max_new_tokens: in
         chunk = examples[i:i + batch_size]
         images = [load_image(e.image) for e in chunk]
         batch = processor(images=images, prompts=[e.prefix for e in chunk], padding_side="left")
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                             vocab_limit=tok.vocab_size)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **tokenizer_settings(tok))
         for e, image, ids in zip(chunk, images, out.tolist()):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             task = e.prefix.split(maxsplit=1)[0] if e.prefix.strip() else "other"
