@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import fast as fast_kernel
 from . import weights
 from .config import PaliGemmaConfig
-from .gemma import GemmaDecoder
+from .gemma import GemmaDecoder, RMSNorm
 from .generate import generate
 from .loss import suffix_loss
 from .masks import positions_of, prefix_lm_inputs, sequence_mask
@@ -54,6 +54,21 @@ class PaliGemma(nn.Module):
         # the size of the checkpoint's tokenizer; None means every row is a real token.
         self.vocab_limit: int | None = None
         self.quantized: str | None = None  # "int8" after quantize.quantize (inference only; cannot be saved)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "PaliGemma":
+        """From-scratch initialisation (nanoGPT's): linear, conv and embedding weights ~ N(0, std), biases 0,
+        LayerNorm to identity, RMSNorm's stored w to 0 (Gemma's norm multiplies by 1 + w)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, RMSNorm):
+                m.weight.zero_()
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+        return self
 
     @property
     def vision(self) -> SiglipVisionModel:

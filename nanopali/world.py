@@ -236,6 +236,33 @@ def make_scene(rng, size: int | tuple[int, int] = 224, max_objects: int = 4, wor
     return Scene(image, objects, word, word_box, kind)
 
 
+def patch_labels(scene: Scene, grid: int, min_cover: float = 0.25) -> np.ndarray:
+    """int64 (grid * grid, 3), row-major patches of a grid x grid split of the image: the shape (1 + SHAPES
+    index) and colour (1 + COLORS index) of the object covering most of the patch (0 when none covers
+    `min_cover` of it), and the word (1 + WORDS index) when the patch overlaps the rendered word's box.
+    Free dense supervision for warming up a vision tower (train/patch_warmup.py)."""
+    width, height = scene.size
+    if width % grid or height % grid:
+        raise ValueError(f"a {width}x{height} image does not split into a {grid}x{grid} grid of whole patches")
+    cover = np.zeros((len(scene.objects) + 1, grid, grid))  # row 0: the "none" threshold
+    cover[0] = min_cover
+    for k, o in enumerate(scene.objects, 1):
+        cover[k] = o.mask.reshape(grid, height // grid, grid, width // grid).mean(axis=(1, 3))
+    owner = cover.argmax(0).reshape(-1)  # (grid * grid,) 0 or 1 + object index
+    labels = np.zeros((grid * grid, 3), dtype=np.int64)
+    for k, o in enumerate(scene.objects, 1):
+        labels[owner == k, 0] = 1 + SHAPES.index(o.shape)
+        labels[owner == k, 1] = 1 + list(COLORS).index(o.color)
+    if scene.word:
+        x0, y0, x1, y1 = scene.word_box
+        rows = np.arange(grid) * height // grid
+        cols = np.arange(grid) * width // grid
+        hit = ((rows[:, None] < y1) & (rows[:, None] + height // grid > y0)
+               & (cols[None] < x1) & (cols[None] + width // grid > x0))
+        labels[hit.reshape(-1), 2] = 1 + WORDS.index(scene.word)
+    return labels
+
+
 # ---- examples ------------------------------------------------------------------------------------------
 
 def _article(words: str) -> str:

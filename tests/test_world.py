@@ -12,7 +12,7 @@ import pytest
 
 from nanopali.tasks import SegmentationVAE, parse_objects
 from nanopali.train import JsonlDataset
-from nanopali.world import COLORS, POSITIONS, SHAPES, WORDS, detection, examples, make_scene
+from nanopali.world import COLORS, POSITIONS, SHAPES, WORDS, detection, examples, make_scene, patch_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_PATH = ROOT.parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
@@ -202,3 +202,28 @@ def test_bad_arguments_are_clear_errors():
         make_scene(random.Random(0), size=16)
     with pytest.raises(TypeError, match="random.Random"):
         make_scene("seed")
+
+
+def test_patch_labels_name_the_object_word_or_nothing_under_each_patch(scenes):
+    for scene, _ in scenes[:15]:
+        grid = 8
+        labels = patch_labels(scene, grid)
+        assert labels.shape == (grid * grid, 3)
+        w, h = scene.size
+        for p, (shape, color, word) in enumerate(labels):
+            r, c = divmod(p, grid)
+            cell = (slice(r * h // grid, (r + 1) * h // grid), slice(c * w // grid, (c + 1) * w // grid))
+            cover = [o.mask[cell].mean() for o in scene.objects]
+            if max(cover) >= 0.25:  # the patch's label is the object covering most of it
+                best = scene.objects[int(np.argmax(cover))]
+                assert (SHAPES[shape - 1], list(COLORS)[color - 1]) == (best.shape, best.color)
+            else:
+                assert shape == color == 0
+            if word:
+                x0, y0, x1, y1 = scene.word_box
+                assert WORDS[word - 1] == scene.word
+                assert cell[0].start < y1 and cell[0].stop > y0 and cell[1].start < x1 and cell[1].stop > x0
+        if scene.word:
+            assert (labels[:, 2] > 0).any()
+    with pytest.raises(ValueError, match="whole patches"):
+        patch_labels(scenes[0][0], 9)

@@ -148,6 +148,13 @@ class SegmentationVAE(nn.Module):
         vae.load_state_dict(state, strict=True, assign=True)
         return vae.to(device).eval()
 
+    def save_npz(self, path: str | Path) -> Path:
+        """Write the checkpoint in the `vae-oid.npz` layout that `from_npz` (and big_vision's decoder) reads."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{k: v.detach().cpu().float().numpy() for k, v in self.state_dict().items()})
+        return path
+
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, with errors that say what is wrong with the file."""
