@@ -1,10 +1,14 @@
 """The `nanopali` command (also `python -m nanopali`): every task from a terminal, through the pipeline.
 
-    nanopali caption  IMAGE --model DIR                 nanopali detect  IMAGE "cat ; dog" --out boxes.png
-    nanopali answer   IMAGE "question" --model DIR      nanopali segment IMAGE "cat" --out mask.png
-    nanopali ocr      IMAGE --model DIR                 nanopali generate IMAGE "any prompt"
-    nanopali chat     IMAGE --model DIR                 nanopali info DIR
+    nanopali caption  IMAGE [--model DIR]               nanopali detect  IMAGE "cat ; dog" --out boxes.png
+    nanopali answer   IMAGE "question"                  nanopali segment IMAGE "cat" --out mask.png
+    nanopali ocr      IMAGE                             nanopali generate IMAGE "any prompt"
+    nanopali chat     IMAGE                             nanopali info [DIR]
     nanopali train    --model DIR --data train.jsonl --out runs/x [--config train.json]
+
+Without --model a command uses the shipped default model (paths.py): a small PaliGemma trained on
+nanopali's toy shapes world, which knows only that world; $NANOPALI_DEFAULT_MODEL names another default.
+train always needs --model: to fine-tune the shipped model, pass its directory (`nanopali info` prints it).
 
 A user mistake (missing image, bad model path, bad data) prints one `nanopali: error: …` line and
 exits with status 2; no traceback.
@@ -24,6 +28,7 @@ import torch
 from .config import ConfigError, PaliGemmaConfig
 from .images import ImageError, load_image
 from .model import PaliGemma
+from .paths import ENV_VAR, default_model_dir
 from .pipeline import TASK_TOKENS, load
 from .tasks import draw
 from .tokenizer import TokenizerError
@@ -31,6 +36,9 @@ from .train import DataError, TrainConfig, fit
 from .weights import CheckpointError, checkpoint_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_HELP = ("checkpoint directory in Hugging Face layout; default: the shipped model, a small PaliGemma trained on "
+              f"nanopali's toy shapes world that knows only that world (${ENV_VAR} overrides the default)")
+TRAIN_MODEL_HELP = "checkpoint to start from, never a default: for the shipped model pass its directory (`nanopali info`)"
 USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, DataError, FileNotFoundError, ValueError)
 
 
@@ -38,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanopali", description="PaliGemma and PaliGemma 2 in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="checkpoint directory in Hugging Face layout (required: no default model is shipped yet)")
+    common.add_argument("--model", help=MODEL_HELP)
     common.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     common.add_argument("--device", default="cpu")
     common.add_argument("--max-new-tokens", type=int, help="default depends on the task")
@@ -69,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     task("segment", "find objects: masks", ("labels", '"cat" or "cat ; dog"')).add_argument("--out", help="draw to this PNG")
     task("chat", "type prompts about one image; an empty line or EOF ends")
     info = sub.add_parser("info", help="describe a checkpoint directory")
-    info.add_argument("model_dir")
+    info.add_argument("model_dir", nargs="?", help="default: the shipped model")
     info.add_argument("--json", action=argparse.BooleanOptionalAction, default=False)
     train = sub.add_parser("train", help="fine-tune on a JSONL of image/prefix/suffix examples")
     train.add_argument("--config", help="JSON file of training options; command-line options win")
@@ -83,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
             train.add_argument(flag, nargs="+", default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            train.add_argument(flag, type=kind, default=None)
+            train.add_argument(flag, type=kind, default=None, help=TRAIN_MODEL_HELP if f.name == "model" else None)
     return p
 
 
@@ -98,8 +106,6 @@ def _generation(args) -> dict:
 
 
 def _load(args):
-    if not args.model:
-        raise ValueError("no default model is shipped yet: pass --model with a PaliGemma checkpoint directory")
     return load(args.model, dtype=DTYPES[args.dtype], device=args.device, vae=args.vae, progress=sys.stderr.isatty(),
                 quantize=args.quantize, fast=args.fast)
 
@@ -181,7 +187,7 @@ def run_chat(args) -> int:
 
 
 def run_info(args) -> int:
-    path = Path(args.model_dir)
+    path = Path(args.model_dir) if args.model_dir else default_model_dir()
     config = PaliGemmaConfig.from_pretrained(path)
     files = checkpoint_files(path)
     with torch.device("meta"):

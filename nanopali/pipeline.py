@@ -1,6 +1,7 @@
 """The high-level object: image and task in, text, boxes or masks out — the one path the CLI uses.
 
     pali = nanopali.load("path/to/checkpoint", dtype=torch.bfloat16)
+    pali = nanopali.load()                # the shipped default: a small model of the toy shapes world only
     pali.caption(image); pali.answer(image, "what is it?"); pali.ocr(image)
     pali.detect(image, ["cat", "dog"])    -> [Detection(label, box, score)]         box in original pixels
     pali.segment(image, ["cat"])          -> [Segmentation(label, box, mask, score)] mask bool (H, W)
@@ -24,6 +25,7 @@ import torch
 from .generate import tokenizer_settings
 from .images import load_image
 from .model import PaliGemma
+from .paths import default_model_dir
 from .processor import Processor
 from .streaming import IncrementalDecoder, stream
 from .tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
@@ -59,11 +61,10 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, dev
          vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
+    path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
     quantize="int8" and fast=False are PaliGemma.from_pretrained's (quantize.py, fast.py).
     """
-    if path is None:
-        raise ValueError("no default model is shipped yet: pass a PaliGemma checkpoint directory")
-    path = Path(path)
+    path = default_model_dir() if path is None else Path(path)
     model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast)
     processor = Processor.from_pretrained(path)
     vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
@@ -82,7 +83,7 @@ class Pali:
         """Answer one prompt per image; a single image and prompt give a str, lists give a list."""
         batch = _load_images(images)
         prompts = [prompts] * len(batch) if isinstance(prompts, str) else list(prompts)
-        texts = [text for text, _ in self._run(batch, prompts, "generate", **kwargs)]
+        texts = [text for text, _ in self.generate_spans(batch, prompts, "generate", **kwargs)]
         return texts if isinstance(images, list) else texts[0]
 
     def stream(self, image, prompt: str, **kwargs) -> Iterator[str]:
@@ -122,7 +123,7 @@ class Pali:
 
     def _text(self, images, prompt: str, task: str, **kwargs):
         batch = _load_images(images)
-        texts = [text for text, _ in self._run(batch, [prompt] * len(batch), task, **kwargs)]
+        texts = [text for text, _ in self.generate_spans(batch, [prompt] * len(batch), task, **kwargs)]
         return texts if isinstance(images, list) else texts[0]
 
     def _objects(self, images, task: str, labels, convention: str, **kwargs) -> list[ParsedObjects]:
@@ -132,18 +133,15 @@ class Pali:
         batch = _load_images(images)
         prompt = f"{task} " + " ; ".join(x.strip() for x in labels)
         results = []
-        for image, (text, spans) in zip(batch, self._run(batch, [prompt] * len(batch), task, **kwargs)):
-            objects = parse_objects(text, image_size=image.size, vae=self.vae if task == "segment" else None,
-                                    convention=convention)
-            for obj in objects:
-                picked = [lp for (start, end), lp in spans if start < obj.span[1] and end > obj.span[0]]
-                obj.score = float(np.exp(np.mean(picked))) if picked else 0.0
+        for image, (text, spans) in zip(batch, self.generate_spans(batch, [prompt] * len(batch), task, **kwargs)):
+            objects = scored_objects(text, spans, image.size, self.vae if task == "segment" else None, convention)
             objects.text = text
             results.append(objects)
         return results
 
-    def _run(self, images: list, prompts: list[str], task: str, **kwargs) -> list[tuple[str, list]]:
-        """Generate for loaded images; return each row's text and its tokens' ((start, end), logprob) spans."""
+    def generate_spans(self, images: list, prompts: list[str], task: str, **kwargs) -> list[tuple[str, list]]:
+        """Generate for loaded images, one prompt per row; return each row's text and its tokens'
+        ((start, end), logprob) spans (for scored_objects)."""
         kwargs.setdefault("max_new_tokens", TASK_TOKENS[task])
         tok = self.processor.tokenizer
         batch = self.processor(images=images, prompts=prompts, padding_side="left")
@@ -167,3 +165,13 @@ class Pali:
 def _load_images(images) -> list:
     """One image or a list of them -> a list of RGB PIL images (each loaded once)."""
     return [load_image(im) for im in (images if isinstance(images, list) else [images])]
+
+
+def scored_objects(text: str, spans, image_size, vae=None, convention: str = "bigvision") -> ParsedObjects:
+    """parse_objects of an answer, each object's .score the geometric mean of its tokens' probabilities
+    (0.0 for an object without tokens); spans as generate_spans returns them."""
+    objects = parse_objects(text, image_size=image_size, vae=vae, convention=convention)
+    for obj in objects:
+        picked = [lp for (start, end), lp in spans if start < obj.span[1] and end > obj.span[0]]
+        obj.score = float(np.exp(np.mean(picked))) if picked else 0.0
+    return objects

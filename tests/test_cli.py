@@ -104,7 +104,6 @@ def test_train_from_the_command_line(model, image, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["caption", "{missing}", "--model", "{model}"], "nope.jpg"),
     (["caption", "{image}", "--model", "{missing_dir}"], "no-model"),
-    (["caption", "{image}"], "no default model is shipped yet"),
     (["segment", "{image}", "cat", "--model", "{model}", "--vae", "{missing_vae}"], "vae.npz"),
     (["train", "--data", "x.jsonl"], "train needs --model"),
 ])

@@ -113,8 +113,3 @@ def test_segment_without_a_vae_is_a_clear_error(pali, image):
     bare = nanopali.pipeline.Pali(pali.model, pali.processor, vae=None, model_dir="/nowhere")
     with pytest.raises(FileNotFoundError, match="vae-oid.npz"):
         bare.segment(image, "cat")
-
-
-def test_load_needs_a_path_until_a_default_model_ships():
-    with pytest.raises(ValueError, match="no default model is shipped yet"):
-        nanopali.load()
