@@ -1,0 +1,95 @@
+"""The shipped default model really works: held-out scores above floors, boxes and masks on the objects.
+
+The floors sit a little under the model card's numbers (nanopali/default_model/README.md, 1000 scenes of
+seed 3); here a fresh sample of seed 4 (training used seed 2), so a fake model or a broken pipeline fails.
+"""
+
+import json
+from collections import Counter
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nanopali
+from nanopali import cli
+from nanopali.paths import DEFAULT_MODEL_DIR
+from nanopali.world import COLORS, NUMBERS, caption, make_scene
+from nanopali.world_eval import evaluate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+# The card's numbers (seed 3, 1000 scenes) minus a margin for a 100-scene sample; each floor is well above what
+# answering from the priors alone gives (colour 1/8, where 1/9, no boxes or masks), except "what shape", which
+# the shipped model barely learnt (card: 25 %). Caption and OCR exact match (card: 4 %) are too low for a
+# 100-scene floor to mean anything; the example-caption test checks what the captions do get right.
+FLOORS = {"vqa/how many": 0.50, "vqa/what color": 0.40, "vqa/what shape": 0.15, "vqa/where": 0.40,
+          "detect/map50": 0.20, "segment/miou": 0.33}
+FLOORS_OVERLAP = {"detect": 0.25, "segment": 0.45}  # share of examples whose boxes / mask overlap the truth > 0.5
+N_SCENES = 100
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file(), f"the default model is missing from {DEFAULT_MODEL_DIR}"
+    return evaluate_world(nanopali.load(), n_scenes=N_SCENES, seed=4, return_records=True)
+
+
+@pytest.mark.parametrize("metric", sorted(FLOORS))
+def test_held_out_scores_clear_the_floors(evaluated, metric):
+    metrics, _ = evaluated
+    assert metrics[metric] >= FLOORS[metric], f"{metric} = {metrics[metric]:.3f} < floor {FLOORS[metric]}"
+
+
+def test_the_sample_is_big_enough_and_covers_every_task(evaluated):
+    metrics, _ = evaluated
+    for task in ("caption", "detect", "segment", "ocr", "vqa/how many", "vqa/what color", "vqa/what shape", "vqa/where"):
+        assert metrics[f"n/{task}"] >= 30, task
+
+
+def test_detections_and_masks_land_on_the_objects(evaluated):
+    _, records = evaluated
+    for task in ("detect", "segment"):  # per example: mean best box IoU / mask IoU with the true objects
+        scores = np.array([r["score"] for r in records if r["task"] == task])
+        assert np.mean(scores > 0.5) >= FLOORS_OVERLAP[task], (task, np.mean(scores > 0.5))
+
+
+def _example_captions(n: int) -> list[str]:
+    """True captions of examples/world-<i>.png (make_default_model.write_examples: seed 5, a word, 2+ objects)."""
+    truths, i = [], 0
+    while len(truths) < n:
+        scene = make_scene(random.Random(f"world:5:{i}"), size=128)
+        i += 1
+        if scene.word and len(scene.objects) >= 2:
+            truths.append(caption(scene))
+    return truths
+
+
+def _colours(text: str) -> Counter:
+    """The colours a world caption names, with their counts: "two red crosses and a blue star" -> red 2, blue 1."""
+    words = text.replace(",", " ").split()
+    return Counter(
+        w for k, w in enumerate(words) if w in COLORS
+        for _ in range(NUMBERS.index(words[k - 1]) if k and words[k - 1] in NUMBERS else 1))
+
+
+def test_the_readme_command_captions_the_example_images_with_their_colours(capsys):
+    """`nanopali caption examples/world-<i>.png`, no --model, as the README's first command (bf16, the CLI
+    default). The shipped model gets whole captions right only 4 % of the time (model card); what it does
+    see is every object's colour: most example captions name exactly the true colours, counted."""
+    images = sorted((ROOT / "examples").glob("world-*.png"))
+    assert len(images) >= 4
+    first = subprocess.run([sys.executable, "-m", "nanopali", "caption", str(images[0])], capture_output=True,
+                           text=True, check=True)  # the command itself, once
+    answers = [first.stdout.strip()]
+    for image in images[1:]:
+        assert cli.main(["caption", str(image), "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["text"])
+    truths = _example_captions(len(images))
+    assert sum(_colours(a) == _colours(t) for a, t in zip(answers, truths)) >= len(images) - 2, list(zip(answers, truths))
+
+
+def test_colour_counting_helper():
+    assert _colours('two red crosses, a blue star and a red circle with the word "cat"') == Counter(red=3, blue=1)
