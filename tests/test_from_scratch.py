@@ -74,8 +74,9 @@ def test_vision_warm_up_learns_per_patch_labels():
     palette = np.array([[128, 128, 128], [220, 30, 30], [30, 30, 220]], dtype=np.uint8)
     pixels = palette[labels[..., 0]].reshape(n, 4, 4, 3).repeat(8, 1).repeat(8, 2)  # (n, 32, 32, 3)
     log = warm_up_vision(vision, torch.from_numpy(pixels), torch.from_numpy(labels), (3,), steps=100,
-                         batch_size=16, lr=3e-3, warmup_steps=10, bf16=False, progress=False)
+                         batch_size=16, lr=3e-3, warmup_steps=10, background_weight=0.5, bf16=False, progress=False)
     assert log[-1]["accuracy"][0] > 0.95 and log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["labelled_accuracy"][0] > 0.95  # the red and blue patches themselves, not only the grey
     assert log[-1]["majority_baseline"][0] < 0.6  # three roughly equal classes: the heads beat the prior
     with pytest.raises(ValueError, match="patches"):
         warm_up_vision(vision, torch.from_numpy(pixels), torch.from_numpy(labels[:, :8]), (3,), steps=1)
