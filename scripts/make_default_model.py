@@ -8,10 +8,12 @@ Stages (each writes under --work and is skipped when its output exists, so a kil
     vae         the vae-oid VQ-VAE trained on world object masks (nanopali/train/vqvae.py)
     data        the training scenes as arrays + examples (nanopali/world.py), VQA "how many" thinned
     init        the PaliGemma config and from-scratch weights (loc-token embeddings start smooth in the value)
-    warmup      the vision tower alone on per-patch shape/colour/word labels (nanopali/train/patch_warmup.py)
+    warmup      the vision tower alone on per-patch shape/colour/word labels (nanopali/train/patch_warmup.py),
+                background patches weighed down
     train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable
     ship        the newest checkpoint in bf16 + tokenizer + VQ-VAE into nanopali/default_model/, scored on
-                1000 held-out scenes (nanopali/world_eval.py, seed 3), examples/world-*.png (seed 5), the card
+                1000 held-out scenes (nanopali/world_eval.py, seed 3; every answer in WORK/eval-records.json),
+                examples/world-*.png (seed 5), the card
     card        the model card README.md from WORK/metrics.json and WORK/limitations.md (no evaluation)
 
 Wall time per stage accumulates in WORK/times.json (a resumed stage adds to its entry).
@@ -50,7 +52,7 @@ VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
 N_SCENES = {"train": 30000}
-TRAIN = dict(steps=5500, batch_size=32, lr=6e-4, lr_scale={"vision_tower.*": 0.5}, warmup_steps=300,
+TRAIN = dict(steps=5000, batch_size=32, lr=6e-4, lr_scale={"vision_tower.*": 0.5}, warmup_steps=300,
              min_lr_ratio=0.05, weight_decay=0.01, bf16=True, save_every=250, keep_checkpoints=2,
              log_every=10, seed=2)
 SEEDS = {"tokenizer": 0, "vae": 1, "train": 2, "eval": 3}
@@ -166,16 +168,23 @@ def stage_init(work: Path) -> Path:
     return out
 
 
-def stage_warmup(work: Path, steps: int = 800) -> Path:
+WARMUP = [dict(steps=1500, lr=1e-3), dict(steps=2500, lr=1e-3)]  # two cosine cycles, fresh heads each
+WARMUP_COMMON = dict(batch_size=32, background_weight=0.1, seed=SEEDS["train"])
+
+
+def stage_warmup(work: Path) -> Path:
     out = work / "warm"
     if not (out / "config.json").is_file():
         from nanopali.train.patch_warmup import warm_up_vision
         model = PaliGemma.from_pretrained(stage_init(work))
         data = np.load(stage_data(work))
-        start = time.perf_counter()
-        log = warm_up_vision(model.vision, torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]),
-                             (1 + len(SHAPES), 1 + len(COLORS), 1 + len(WORDS)), steps=steps, batch_size=32, seed=SEEDS["train"])
-        print(f"vision warm-up: {steps} steps in {time.perf_counter() - start:.0f} s; last: {log[-1]}")
+        pixels, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+        start, log = time.perf_counter(), []
+        for phase in WARMUP:
+            log += warm_up_vision(model.vision, pixels, labels, (1 + len(SHAPES), 1 + len(COLORS), 1 + len(WORDS)),
+                                  **phase, **WARMUP_COMMON)
+            print(f"vision warm-up phase {phase}: last {log[-1]}")
+        print(f"vision warm-up: {time.perf_counter() - start:.0f} s")
         (work / "warmup_log.json").write_text(json.dumps(log))
         model.save_pretrained(out)
         Processor.from_pretrained(stage_init(work)).save_pretrained(out)
@@ -210,8 +219,10 @@ def stage_ship(work: Path, n_eval: int = 1000) -> Path:
         f.chmod(0o644)  # the weights are written through a private temp file; installed copies must be readable
     write_examples()
     start = time.perf_counter()
-    metrics = evaluate_world(nanopali.load(SHIP), n_scenes=n_eval, seed=SEEDS["eval"], size=IMAGE_SIZE, progress=True)
+    metrics, records = evaluate_world(nanopali.load(SHIP), n_scenes=n_eval, seed=SEEDS["eval"], size=IMAGE_SIZE,
+                                      progress=True, return_records=True)
     print(f"evaluation of {n_eval} held-out scenes: {time.perf_counter() - start:.0f} s")
+    (work / "eval-records.json").write_text(json.dumps(records))  # every answer, for reading the errors
     (work / "metrics.json").write_text(json.dumps({"checkpoint": source.name, **metrics}, indent=1))
     return stage_card(work)
 
@@ -239,6 +250,18 @@ def write_examples(n: int = 6) -> None:
             found += 1
 
 
+def warmup_accuracy(work: Path, last: int = 5) -> str:
+    """The warm-up's accuracy on object/word patches, averaged over its last `last` log entries."""
+    path = work / "warmup_log.json"
+    if not path.is_file():
+        return "not logged"
+    log = [r for r in json.loads(path.read_text()) if "labelled_accuracy" in r][-last:]
+    if not log:
+        return "not logged"
+    acc = np.nanmean([r["labelled_accuracy"] for r in log], axis=0)
+    return ", ".join(f"{name} {100 * a:.0f} %" for name, a in zip(("shape", "colour", "word"), acc))
+
+
 def model_card(work: Path, source: Path, metrics: dict) -> str:
     """The model card: what the model is, how it was made, and its held-out scores against the targets."""
     template = (Path(__file__).parent / "default_model_card.md").read_text()
@@ -256,6 +279,7 @@ def model_card(work: Path, source: Path, metrics: dict) -> str:
         times=", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), train=json.dumps(TRAIN),
         vision=json.dumps(VISION), text=json.dumps(TEXT), n_scenes=N_SCENES["train"],
         vocab=PaliGemmaConfig.from_pretrained(source).text_config.vocab_size, mb=f"{2 * params / 2**20:.0f}",
+        warmup=json.dumps([{**phase, **WARMUP_COMMON} for phase in WARMUP]), warmup_acc=warmup_accuracy(work),
         limitations=(work / "limitations.md").read_text() if (work / "limitations.md").is_file() else "Not assessed yet.")
 
 

@@ -7,6 +7,7 @@ seed 3); here a fresh sample of seed 4 (training used seed 2), so a fake model o
 import json
 from collections import Counter
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +22,27 @@ from nanopali.world import COLORS, NUMBERS, caption, make_scene
 from nanopali.world_eval import evaluate_world
 
 ROOT = Path(__file__).resolve().parents[1]
-# The card's numbers (seed 3, 1000 scenes) minus a margin for a 100-scene sample; each floor is well above what
-# answering from the priors alone gives (colour 1/8, where 1/9, no boxes or masks), except "what shape", which
-# the shipped model barely learnt (card: 25 %). Caption and OCR exact match (card: 4 %) are too low for a
-# 100-scene floor to mean anything; the example-caption test checks what the captions do get right.
-FLOORS = {"vqa/how many": 0.50, "vqa/what color": 0.40, "vqa/what shape": 0.15, "vqa/where": 0.40,
-          "detect/map50": 0.20, "segment/miou": 0.33}
-FLOORS_OVERLAP = {"detect": 0.25, "segment": 0.45}  # share of examples whose boxes / mask overlap the truth > 0.5
+# The card's numbers (seed 3, 1000 scenes) minus a margin for a 100-scene sample (about 2.5 standard errors);
+# each floor is far above what answering from the priors alone gives (colour 1/8, shape 1/7, where 1/9, no boxes
+# or masks). Caption exact match is scored without the ' with the word "…"' clause (card: 55 %; whole captions
+# 26 %), because the model cannot read (OCR 5 %, too low for a 100-scene floor to mean anything).
+FLOORS = {"vqa/how many": 0.78, "vqa/what color": 0.90, "vqa/what shape": 0.85, "vqa/where": 0.83,
+          "detect/map50": 0.55, "segment/miou": 0.60, "caption/without_word": 0.33}
+FLOORS_OVERLAP = {"detect": 0.60, "segment": 0.70}  # share of examples whose boxes / mask overlap the truth > 0.5
 N_SCENES = 100
 
 
 @pytest.fixture(scope="module")
 def evaluated():
     assert (DEFAULT_MODEL_DIR / "config.json").is_file(), f"the default model is missing from {DEFAULT_MODEL_DIR}"
-    return evaluate_world(nanopali.load(), n_scenes=N_SCENES, seed=4, return_records=True)
+    metrics, records = evaluate_world(nanopali.load(), n_scenes=N_SCENES, seed=4, return_records=True)
+    captions = [r for r in records if r["task"] == "caption"]
+    metrics["caption/without_word"] = np.mean([_without_word(r["prediction"]) == _without_word(r["truth"]) for r in captions])
+    return metrics, records
+
+
+def _without_word(caption: str) -> str:
+    return re.sub(r' with the word "[^"]*"', "", caption.strip())
 
 
 @pytest.mark.parametrize("metric", sorted(FLOORS))
@@ -75,10 +83,10 @@ def _colours(text: str) -> Counter:
         for _ in range(NUMBERS.index(words[k - 1]) if k and words[k - 1] in NUMBERS else 1))
 
 
-def test_the_readme_command_captions_the_example_images_with_their_colours(capsys):
+def test_the_readme_command_captions_the_example_images(capsys):
     """`nanopali caption examples/world-<i>.png`, no --model, as the README's first command (bf16, the CLI
-    default). The shipped model gets whole captions right only 4 % of the time (model card); what it does
-    see is every object's colour: most example captions name exactly the true colours, counted."""
+    default). The README shows world-0's caption right but for the word (the model cannot read); across the
+    examples, most captions name exactly the true colours, counted."""
     images = sorted((ROOT / "examples").glob("world-*.png"))
     assert len(images) >= 4
     first = subprocess.run([sys.executable, "-m", "nanopali", "caption", str(images[0])], capture_output=True,
@@ -88,7 +96,8 @@ def test_the_readme_command_captions_the_example_images_with_their_colours(capsy
         assert cli.main(["caption", str(image), "--json"]) == 0
         answers.append(json.loads(capsys.readouterr().out)["text"])
     truths = _example_captions(len(images))
-    assert sum(_colours(a) == _colours(t) for a, t in zip(answers, truths)) >= len(images) - 2, list(zip(answers, truths))
+    assert _without_word(answers[0]) == _without_word(truths[0]), (answers[0], truths[0])
+    assert sum(_colours(a) == _colours(t) for a, t in zip(answers, truths)) >= len(images) / 2, list(zip(answers, truths))
 
 
 def test_colour_counting_helper():
