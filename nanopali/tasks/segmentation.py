@@ -103,21 +103,26 @@ class SegmentationVAE(nn.Module):
         if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < self.num_codes:
             raise ValueError(f"seg indices must be in 0..{self.num_codes - 1}, got values from "
                              f"{int(indices.min())} to {int(indices.max())}")
-        b = indices.shape[0]
-        x = self._vq_vae._embedding[indices.long()]  # (B, 16, D): token k is grid cell (k // 4, k % 4)
-        x = x.view(b, 4, 4, self.dim).permute(0, 3, 1, 2)  # (B, D, 4, 4)
-        return self.decoder(x)[:, 0]  # (B, 64, 64)
+        return self.decode_cells(self._vq_vae._embedding[indices.long()])  # token k is grid cell (k // 4, k % 4)
+
+    def decode_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """(B, 16, D) cell vectors, row by row -> (B, 64, 64) mask logits (differentiable; train/vqvae.py)."""
+        x = cells.reshape(cells.shape[0], 4, 4, self.dim).permute(0, 3, 1, 2)  # (B, D, 4, 4)
+        return self.decoder(x)[:, 0]
+
+    def encode_cells(self, masks) -> torch.Tensor:
+        """float (B, 64, 64) masks in [0, 1] -> (B, 16, D) encoder outputs before quantization, row by row
+        (differentiable; train/vqvae.py)."""
+        masks = torch.as_tensor(masks, device=self._vq_vae._embedding.device)
+        if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE):
+            raise ValueError(f"encode takes masks of shape (B, {MASK_SIZE}, {MASK_SIZE}), got {tuple(masks.shape)}")
+        z = self.encoder(2.0 * (masks.float()[:, None] - 0.5))  # (B, D, 4, 4) from inputs in [-1, 1]
+        return z.permute(0, 2, 3, 1).reshape(len(masks), NUM_TOKENS, self.dim)
 
     @torch.no_grad()
     def encode(self, masks) -> torch.Tensor:
         """float (B, 64, 64) masks in [0, 1] -> int64[B, 16] codebook indices, row by row."""
-        masks = torch.as_tensor(masks, device=self._vq_vae._embedding.device)
-        if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE):
-            raise ValueError(f"encode takes masks of shape (B, {MASK_SIZE}, {MASK_SIZE}), got {tuple(masks.shape)}")
-        x = 2.0 * (masks.float()[:, None] - 0.5)  # (B, 1, 64, 64) in [-1, 1]
-        z = self.encoder(x)  # (B, D, 4, 4)
-        z = z.permute(0, 2, 3, 1).reshape(-1, self.dim)  # (B*16, D), row-major cells
-        return self._vq_vae.nearest(z).view(-1, NUM_TOKENS)
+        return self._vq_vae.nearest(self.encode_cells(masks).flatten(0, 1)).view(-1, NUM_TOKENS)
 
     @classmethod
     def from_npz(cls, path: str | Path, device: str | torch.device = "cpu") -> "SegmentationVAE":

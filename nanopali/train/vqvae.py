@@ -24,22 +24,14 @@ from tqdm import tqdm
 from ..tasks.segmentation import MASK_SIZE, SegmentationVAE
 
 
-def _cells(z: torch.Tensor) -> torch.Tensor:
-    """(B, D, 4, 4) -> (B*16, D), row-major cells (the seg token order)."""
-    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-
-
 def vae_loss(vae: SegmentationVAE, masks: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, dict]:
     """The training loss on a (B, 64, 64) batch in [0, 1], and the codes used (for restarts) and pixel accuracy."""
-    z = vae.encoder(2.0 * (masks[:, None] - 0.5))  # (B, D, 4, 4)
-    flat = _cells(z)
-    codes = vae._vq_vae.nearest(flat.detach())  # (B*16,)
-    e = vae._vq_vae._embedding[codes]  # (B*16, D)
-    quantized = flat + (e - flat).detach()
-    b, d = z.shape[:2]
-    logits = vae.decoder(quantized.view(b, 4, 4, d).permute(0, 3, 1, 2))[:, 0]  # (B, 64, 64)
-    loss = (F.binary_cross_entropy_with_logits(logits, masks) + F.mse_loss(e, flat.detach())
-            + beta * F.mse_loss(flat, e.detach()))
+    z = vae.encode_cells(masks)  # (B, 16, D)
+    codes = vae._vq_vae.nearest(z.detach().flatten(0, 1)).view(z.shape[:2])  # (B, 16)
+    e = vae._vq_vae._embedding[codes]  # (B, 16, D)
+    logits = vae.decode_cells(z + (e - z).detach())  # (B, 64, 64), straight-through
+    loss = (F.binary_cross_entropy_with_logits(logits, masks) + F.mse_loss(e, z.detach())
+            + beta * F.mse_loss(z, e.detach()))
     accuracy = ((logits > 0) == (masks > 0.5)).float().mean()
     return loss, {"codes": codes, "pixel_accuracy": accuracy.item()}
 
@@ -57,7 +49,7 @@ def train_vae(masks, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, 
     torch.manual_seed(seed)
     vae = SegmentationVAE(num_codes, dim)
     with torch.no_grad():  # codebook from encoder outputs, so every code starts where the data is
-        z = _cells(vae.encoder(2.0 * (masks[torch.randperm(len(masks), generator=g)[:64]][:, None] - 0.5)))
+        z = vae.encode_cells(masks[torch.randperm(len(masks), generator=g)[:64]]).flatten(0, 1)
         vae._vq_vae._embedding.copy_(z[torch.randperm(len(z), generator=g)[:num_codes]])
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     used = torch.zeros(num_codes, dtype=torch.bool)
@@ -77,9 +69,8 @@ def train_vae(masks, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, 
             if len(dead):
                 with torch.no_grad():
                     fresh = masks[torch.randint(len(masks), (len(dead),), generator=g)]
-                    z = _cells(vae.encoder(2.0 * (fresh[:, None] - 0.5)))
                     cells = torch.randint(16, (len(dead),), generator=g)
-                    vae._vq_vae._embedding[dead] = z.view(len(dead), 16, -1)[torch.arange(len(dead)), cells]
+                    vae._vq_vae._embedding[dead] = vae.encode_cells(fresh)[torch.arange(len(dead)), cells]
             used.zero_()
         bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{info['pixel_accuracy']:.4f}")
     return vae.eval()
