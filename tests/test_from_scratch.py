@@ -1,5 +1,6 @@
 """Training from scratch: weight initialisation, the mask VQ-VAE trainer and the vision warm-up."""
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -80,3 +81,27 @@ def test_vision_warm_up_learns_per_patch_labels():
     assert log[-1]["majority_baseline"][0] < 0.6  # three roughly equal classes: the heads beat the prior
     with pytest.raises(ValueError, match="patches"):
         warm_up_vision(vision, torch.from_numpy(pixels), torch.from_numpy(labels[:, :8]), (3,), steps=1)
+
+
+def test_vision_warm_up_loss_is_the_background_weighted_mean():
+    """The logged loss of a one-step warm-up equals, by hand on the same batch and heads, the mean of the
+    per-patch cross-entropies weighted background_weight on class 0 and 1 elsewhere."""
+    torch.manual_seed(0)
+    vision = PaliGemma(tiny_config()).init_weights().vision
+    rng = np.random.default_rng(1)
+    n, seed, weight = 8, 5, 0.2
+    labels = torch.from_numpy(rng.integers(0, 3, (n, 16, 1)))
+    pixels = torch.from_numpy(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    before = copy.deepcopy(vision)
+    log = warm_up_vision(vision, pixels, labels, (3,), steps=1, batch_size=n, background_weight=weight, bf16=False,
+                         seed=seed, progress=False)
+    idx = torch.randint(n, (n,), generator=torch.Generator().manual_seed(seed))  # the warm-up's batch
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(vision.config.hidden_size, 3)  # the warm-up's head, before its step
+    with torch.no_grad():
+        logp = head(before(pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0)).log_softmax(-1)
+    y = labels[idx][..., 0]
+    nll = -logp.gather(-1, y[..., None])[..., 0]
+    w = torch.where(y == 0, weight, 1.0)
+    assert log[0]["loss"] == pytest.approx(((w * nll).sum() / w.sum()).item(), rel=1e-4)
+    assert log[0]["loss"] != pytest.approx(nll.mean().item(), rel=1e-3)  # the weight changes the loss here
