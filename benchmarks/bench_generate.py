@@ -5,7 +5,8 @@
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
 
 Frameworks (--frameworks): nanopali (its default, the compiled decode kernel of fast.py),
-nanopali-plain (fast=False: F.linear everywhere), nanopali-int8 (quantize="int8"), transformers.
+nanopali-plain (fast=False: F.linear everywhere), nanopali-int8 (quantize="int8"), nanopali-int4
+(quantize="int4": group-wise int4 decoder layers, int8 head), transformers.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",
@@ -46,7 +47,7 @@ import torch
 PROMPT_TOKENS = 10  # random text ids between <bos> and "\n"
 NEWLINE = 108       # "\n" in the Gemma tokenizer
 QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
-FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "transformers")
+FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers")
 
 
 # ---------------------------------------------------------------- worker: one framework per process
@@ -140,7 +141,8 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype)
     make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d: NanoPali(p, d, fast=False),
-            "nanopali-int8": lambda p, d: NanoPali(p, d, quantize="int8"), "transformers": Transformers}[args.worker]
+            "nanopali-int8": lambda p, d: NanoPali(p, d, quantize="int8"),
+            "nanopali-int4": lambda p, d: NanoPali(p, d, quantize="int4"), "transformers": Transformers}[args.worker]
     fw, load_s = timed(make, args.model, dtype)
     rss_after_load = peak_rss_gib()
     n, prefill_s, decode_s, generate_s, busy = args.new_tokens, [], [], [], []
@@ -229,7 +231,9 @@ def model_costs(path: Path, dtype: str) -> dict:
     vision = sum(p.numel() for p in model.vision.parameters())
     T = config.num_image_tokens + 2 + PROMPT_TOKENS
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    return dict(decode_bytes={"bf16": decoder * itemsize, "int8": decoder},  # int8: 1 byte per weight (+ tiny scales)
+    head = model.decoder.embed_tokens.weight.numel()
+    # int8: 1 byte per weight (+ tiny scales); int4: half a byte per layer weight (+ 4 bytes per 128), int8 head
+    return dict(decode_bytes={"bf16": decoder * itemsize, "int8": decoder, "int4": layers // 2 + layers // 32 + head},
                 prefill_flop=2 * (layers * T + vision * config.num_image_tokens))
 
 
@@ -265,7 +269,7 @@ def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Pa
     bw = machine["bandwidth_gbs"]
     lines = [f"machine, measured now: memory read {bw:.1f} GB/s, bf16 matmul {machine['matmul_gflops']:.0f} GFLOP/s"]
     for name, r in results.items():
-        kind = "int8" if name.endswith("int8") else "bf16"
+        kind = name.rsplit("-", 1)[1] if name.endswith(("int8", "int4")) else "bf16"
         bound = args.batch * bw * 1e9 / costs["decode_bytes"][kind]
         gflops = costs["prefill_flop"] * args.batch / (r["prefill_ms"] / 1000) / 1e9
         line = (f"{name:15s} decode {r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_tok_s'] / bound:3.0f}% of the "

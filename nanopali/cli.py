@@ -30,6 +30,7 @@ from .images import ImageError, load_image
 from .model import PaliGemma
 from .paths import ENV_VAR, default_model_dir
 from .pipeline import TASK_TOKENS, load
+from .quantize import MODES
 from .tasks import draw
 from .tokenizer import TokenizerError
 from .train import DataError, TrainConfig, fit
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it comes")
     common.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="latency and tokens/s")
     common.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
-    common.add_argument("--quantize", choices=["int8"], help="quantize the decoder weights after loading (faster decoding)")
+    common.add_argument("--quantize", choices=list(MODES), help="quantize the decoder weights after loading (faster decoding; int4 is coarser)")
     common.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled decode-step kernel; --no-fast uses F.linear everywhere (for debugging)")
 

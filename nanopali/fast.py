@@ -17,6 +17,10 @@ Which path a product takes (only without autograd, on CPU, when the layer's `fas
     2..MAX_ROWS rows                 bf16: F.linear; int8: torch._weight_int8pack_mm
     more rows (prefill)              bf16: F.linear; int8: a compiled dequantisation, then F.linear
 
+int4 weights (quantize.py, group-wise) take `linear_int4`: torch._weight_int4pack_mm_for_cpu for up to
+INT4_MAX_ROWS rows, where it streams half a byte per weight; for more rows, where that kernel computes
+at about half F.linear's rate, a compiled dequantisation to the activations' dtype, then F.linear.
+
 (For more than one row the loop re-reads each weight row per input row and loses to F.linear; for
 K > MAX_K the fp32 x no longer stays in the L1 cache next to the streamed row, and the loop fell
 to ~20 GB/s for the 2048×16384 down projection, where int8pack gives 27.)
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
 MAX_K = 4096    # longest row the compiled loop takes (see above)
+INT4_MAX_ROWS = 4  # int4 batches up to this many rows take _weight_int4pack_mm_for_cpu; more dequantize first
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -51,6 +56,34 @@ def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, d
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 (N, K) and fp32 scale (N,) -> (N, K) in dtype, in one fused pass."""
     return (weight.float() * scale[:, None]).to(dtype)
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """torch's CPU int4 packing (`torch._convert_weight_to_int4pack_for_cpu`, uint8 (N, K / 2)) -> uint8 (N, K) in 0..15.
+
+    The layout, as torch 2.13 writes it: rows in blocks of 64, each block K runs of 32 bytes whose low
+    nibbles are the block's rows 0..31 and high nibbles rows 32..63; the last N % 64 rows (a multiple of
+    16) K runs of (N % 64) / 2 bytes, even rows in the low nibbles, odd rows in the high ones.
+    quantize.py checks every packed matrix against this, so a changed layout fails loudly at load time.
+    """
+    flat = packed.reshape(-1)
+    full, tail = N - N % 64, N % 64
+    blocks = flat[: full * K // 2].view(full // 64, K, 32)                            # (N/64, K, 32)
+    head = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, K)
+    if not tail:
+        return head
+    runs = flat[full * K // 2:].view(K, tail // 2)                                    # (K, tail/2)
+    rest = torch.stack([runs & 15, runs >> 4], dim=2).reshape(K, tail).t()            # (tail, K)
+    return torch.cat([head, rest])
+
+
+def _dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 (N, K / 2) and (K / G, N, 2) scales and zeros -> (N, K) in dtype: w = (q - 8) · scale + zero."""
+    groups, N, _ = scales_and_zeros.shape
+    K = packed.numel() * 2 // N
+    q = unpack_int4(packed, N, K).view(N, groups, K // groups).float() - 8             # (N, K/G, G)
+    scale, zero = scales_and_zeros.float().permute(2, 1, 0)                           # (N, K/G) each
+    return (q * scale[..., None] + zero[..., None]).view(N, K).to(dtype)
 
 
 _compiled: dict[tuple, object] = {}  # (function, weight dtype) -> its compiled version
@@ -108,6 +141,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if int8:  # the plain path: dequantize one matrix eagerly (a transient copy)
         return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
     return F.linear(x, weight) if scale is None else F.linear(x, weight) * scale.to(x.dtype)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """x (..., K) @ the int4 weight (N, K)ᵀ (quantize.Int4Linear's buffers) -> (..., N) in x.dtype."""
+    *lead, K = x.shape
+    groups, N, _ = scales_and_zeros.shape
+    rows = x.numel() // K
+    w = None
+    if fast and _fast_context(x):
+        if rows <= INT4_MAX_ROWS:
+            return torch._weight_int4pack_mm_for_cpu(x.reshape(rows, K), packed, K // groups,
+                                                     scales_and_zeros.to(x.dtype)).view(*lead, N)
+        w = _run(_dequantize_int4, packed, scales_and_zeros, x.dtype)
+    return F.linear(x, _dequantize_int4(packed, scales_and_zeros, x.dtype) if w is None else w)
 
 
 def enable(model: torch.nn.Module, on: bool = True) -> torch.nn.Module:

@@ -53,7 +53,7 @@ class PaliGemma(nn.Module):
         # Ids >= vocab_limit are embedding padding rows, never generated. from_pretrained sets it to
         # the size of the checkpoint's tokenizer; None means every row is a real token.
         self.vocab_limit: int | None = None
-        self.quantized: str | None = None  # "int8" after quantize.quantize (inference only; cannot be saved)
+        self.quantized: str | None = None  # "int8" or "int4" after quantize.quantize (inference only; cannot be saved)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "PaliGemma":
@@ -143,7 +143,7 @@ class PaliGemma(nn.Module):
         to `dtype` one at a time: no second copy of the weights is ever made.
         `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
         `progress=True` shows a progress bar while the tensors are read.
-        `quantize="int8"` quantizes the decoder weights after loading (quantize.py; inference only).
+        `quantize="int8"` or `"int4"` quantizes the decoder weights after loading (quantize.py; inference only).
         `fast=False` turns off the compiled decode-step kernel (fast.py), e.g. to compare against it.
         """
         path = Path(path)

@@ -62,7 +62,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, dev
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
-    quantize="int8" and fast=False are PaliGemma.from_pretrained's (quantize.py, fast.py).
+    quantize="int8"/"int4" and fast=False are PaliGemma.from_pretrained's (quantize.py, fast.py).
     """
     path = default_model_dir() if path is None else Path(path)
     model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast)

@@ -39,6 +39,33 @@ def test_int8_paths_equal_the_dequantized_product():
             assert err <= 0.01 * want.abs().max(), f"{rows} rows, K={K}: error {err:.4f} of {want.abs().max():.2f}"
 
 
+@pytest.mark.parametrize("N", [64, 96, 48])  # whole blocks of 64 rows, a block and a tail, a tail only
+def test_int4_unpack_inverts_torch_packing(N):
+    g = torch.Generator().manual_seed(N)
+    q = torch.randint(0, 16, (N, 96), generator=g, dtype=torch.int32)
+    assert torch.equal(fast.unpack_int4(torch._convert_weight_to_int4pack_for_cpu(q, 2), N, 96), q.to(torch.uint8))
+
+
+def test_int4_paths_equal_the_dequantized_product():
+    g = torch.Generator().manual_seed(1)
+    N, K, G = 80, 256, 64
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    scales_and_zeros = torch.stack([torch.rand(K // G, N, generator=g) / 100,
+                                    torch.randn(K // G, N, generator=g) / 100], -1).bfloat16()
+    s, z = (scales_and_zeros[..., i].float().repeat_interleave(G, 0).T for i in (0, 1))   # (N, K) each
+    w = (q.float() - 8) * s + z                                  # the definition, written independently
+    for rows in (1, 4, 5):                                       # int4 kernel, int4 kernel, dequantize + F.linear
+        x = torch.randn(rows, K, generator=g).bfloat16()
+        want = x.float() @ w.T
+        for on in (True, False):
+            with torch.no_grad():
+                got = fast.linear_int4(x, packed, scales_and_zeros, fast=on)
+            assert got.shape == (rows, N) and got.dtype == torch.bfloat16
+            err = (got.float() - want).abs().max()
+            assert err <= 0.01 * want.abs().max(), f"{rows} rows, fast={on}: error {err:.4f} of {want.abs().max():.2f}"
+
+
 def test_kernel_does_not_apply_to_training_prefill_or_fp32():
     w = torch.randn(64, 32).bfloat16()
     assert not fast.uses_kernel(torch.randn(1, 32).bfloat16(), w)         # autograd is on

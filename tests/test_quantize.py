@@ -1,11 +1,11 @@
-"""int8 weight-only quantization (quantize.py): close to the float model, fast and plain paths agree, never saved."""
+"""int8 / int4 weight-only quantization (quantize.py): close to the float model, fast and plain paths agree, never saved."""
 
 import pytest
 import torch
 
 from hf_reference import batch, hf_config, hf_model
 from nanopali import PaliGemma, fast
-from nanopali.quantize import Int8Embedding, Int8Linear, quantize, quantize_rows
+from nanopali.quantize import Int4Linear, Int8Embedding, Int8Linear, int4_group, quantize, quantize_groups, quantize_rows
 from test_fast import decode_logits
 
 
@@ -16,6 +16,23 @@ def test_rows_round_trip_within_half_a_step():
     assert q.abs().max() == 127
     err = (q.float() * scale[:, None] - w).abs()
     assert (err <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_groups_round_trip_within_half_a_step():
+    w = torch.randn(32, 256) * torch.logspace(-3, 1, 32)[:, None] + torch.randn(32, 1)  # ranges and offsets vary
+    q, scales_and_zeros = quantize_groups(w, 64)
+    assert q.min() == 0 and q.max() == 15 and scales_and_zeros.shape == (4, 32, 2)
+    scale, zero = (scales_and_zeros[..., i].repeat_interleave(64, 0).T for i in (0, 1))  # (32, 256)
+    err = ((q - 8) * scale + zero - w).abs()
+    assert (err <= scale / 2 + 1e-6 * w.abs().amax()).all()
+    # each group's min and max are represented (to rounding)
+    assert torch.allclose(((q - 8) * scale + zero).view(32, 4, 64).amin(-1), w.view(32, 4, 64).amin(-1), atol=1e-5)
+
+
+def test_int4_group_sizes_follow_the_kernel():
+    assert int4_group(2048, 16384) == 128 and int4_group(256, 2048, preferred=32) == 32
+    assert int4_group(96, 96) == 32 and int4_group(64, 64) == 64
+    assert int4_group(100, 128) is None and int4_group(64, 48) is None  # N % 16, no group divides K: int8
 
 
 @pytest.fixture(scope="module", params=[1, 2])
@@ -61,6 +78,37 @@ def test_int8_fast_and_plain_paths_agree(checkpoint, monkeypatch):
     assert torch.equal(quick.argmax(-1), plain.argmax(-1))
 
 
+def test_int4_logits_close_to_bf16(checkpoint):
+    path, cfg = checkpoint
+    inputs = batch(cfg)
+    ref = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
+    q4 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
+    q8 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    assert q4.quantized == "int4" and isinstance(q4.decoder.embed_tokens, Int8Embedding)
+    for layer in q4.decoder.layers:  # this model's sizes all fit the kernel: every linear layer is int4
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+            assert isinstance(module, Int4Linear) and module.weight.dtype == torch.uint8
+    with torch.no_grad():
+        want, got4, got8 = (decode_logits(m, inputs)[0] for m in (ref, q4, q8))
+    # 16 levels per group instead of 255 per row: one layer's output keeps cosine ~0.998 (uniform weights:
+    # error step / sqrt(12) = 1/15 of the weights' std); 21 such layers in a row of these models end at
+    # 0.979-0.991 (a wrong packing layout or scale convention gives ~0)
+    c4, c8 = cosine(got4, want), cosine(got8, want)
+    assert c4.min() >= 0.97, c4
+    assert (1 - c4).mean() > (1 - c8).mean()  # int4 is the coarser of the two (a sanity check on the comparison)
+
+
+def test_int4_fast_and_plain_paths_agree(checkpoint):
+    path, cfg = checkpoint
+    q4 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
+    inputs = batch(cfg)
+    with torch.no_grad():
+        plain = decode_logits(fast.enable(q4, False), inputs)
+        quick = decode_logits(fast.enable(q4, True), inputs)
+    assert (quick - plain).abs().max() <= 0.02 * plain.abs().amax()
+    assert torch.equal(quick.argmax(-1), plain.argmax(-1))
+
+
 def test_quantized_model_refuses_to_save_and_bad_modes_are_named(checkpoint, tmp_path):
     path, _ = checkpoint
     q8 = PaliGemma.from_pretrained(path, quantize="int8")  # fp32 checkpoint weights quantize too
@@ -68,5 +116,7 @@ def test_quantized_model_refuses_to_save_and_bad_modes_are_named(checkpoint, tmp
         q8.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(q8)
-    with pytest.raises(ValueError, match="unknown quantization 'int3'; choose one of int8"):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; choose one of int8, int4"):
         PaliGemma.from_pretrained(path, quantize="int3")
+    with pytest.raises(ValueError, match="int4 group size 100 is not one of"):
+        quantize(PaliGemma.from_pretrained(path), "int4", group_size=100)
