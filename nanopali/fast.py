@@ -18,8 +18,12 @@ Which path a product takes (only without autograd, on CPU, when the layer's `fas
     more rows (prefill)              bf16: F.linear; int8: a compiled dequantisation, then F.linear
 
 int4 weights (quantize.py, group-wise) take `linear_int4`: torch._weight_int4pack_mm_for_cpu for up to
-INT4_MAX_ROWS rows, where it streams half a byte per weight; for more rows, where that kernel computes
-at about half F.linear's rate, a compiled dequantisation to the activations' dtype, then F.linear.
+INT4_KERNEL_ROWS rows of bf16 activations (4 rows of other dtypes), else the weight is unpacked and
+F.linear runs. For one row the kernel streams half a byte per weight; for a 268-row bf16 prefill it
+computes at about half F.linear's rate (0.10 vs 0.05 s for 16384×2048), which still beats unpacking
+first (0.2-0.3 s for that matrix, eager or compiled: torch's packed layout unpacks slowly); at 1500
+rows unpacking wins (0.48 vs 0.59 s), and with fp32 activations the kernel is 75× slower than
+unpacking at 2500 rows.
 
 (For more than one row the loop re-reads each weight row per input row and loses to F.linear; for
 K > MAX_K the fp32 x no longer stays in the L1 cache next to the streamed row, and the loop fell
@@ -40,8 +44,8 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
 MAX_K = 4096    # longest row the compiled loop takes (see above)
-INT4_MAX_ROWS = 4  # int4 batches up to this many rows take _weight_int4pack_mm_for_cpu; more dequantize first
 HALF = (torch.bfloat16, torch.float16)
+INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpacking + F.linear (see above)
 
 
 def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -148,13 +152,10 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     *lead, K = x.shape
     groups, N, _ = scales_and_zeros.shape
     rows = x.numel() // K
-    w = None
-    if fast and _fast_context(x):
-        if rows <= INT4_MAX_ROWS:
-            return torch._weight_int4pack_mm_for_cpu(x.reshape(rows, K), packed, K // groups,
-                                                     scales_and_zeros.to(x.dtype)).view(*lead, N)
-        w = _run(_dequantize_int4, packed, scales_and_zeros, x.dtype)
-    return F.linear(x, _dequantize_int4(packed, scales_and_zeros, x.dtype) if w is None else w)
+    if fast and _fast_context(x) and rows <= (INT4_KERNEL_ROWS if x.dtype == torch.bfloat16 else 4):
+        return torch._weight_int4pack_mm_for_cpu(x.reshape(-1, K), packed, K // groups,
+                                                 scales_and_zeros.to(x.dtype)).view(*lead, N)
+    return F.linear(x, _dequantize_int4(packed, scales_and_zeros, x.dtype))  # a transient copy
 
 
 def enable(model: torch.nn.Module, on: bool = True) -> torch.nn.Module:
