@@ -115,5 +115,5 @@ def test_quantized_default_model_answers_like_the_unquantized_one():
     for name, (m, r), floor in (("int8", (m8, r8), 0.95), ("int4", (m4, r4), 0.80)):
         assert [x["prefix"] for x in r] == [x["prefix"] for x in r_float]
         same = np.mean([a["prediction"] == b["prediction"] for a, b in zip(r, r_float)])
-        assert same >= floor, f"{name}: {same:.1%} of the answers equal bf16's"
+        assert same >= floor, f"{name}: {same:.1%} of the answers equal the unquantized model's"
         assert abs(m["vqa/accuracy"] - m_float["vqa/accuracy"]) <= 0.05, (name, m["vqa/accuracy"], m_float["vqa/accuracy"])
