@@ -20,7 +20,7 @@ embedding / output head stays int8: its rows are looked up, and half a byte more
 multiple of 32, output size not a multiple of 16) stays int8; G shrinks to 64 or 32 where it does not
 divide the input size.
 
-Quantized modules hold int8 buffers under new names (`weight`, `scale`), so a quantized model is
+Quantized modules hold int8 or packed int4 buffers (`weight`, `scale` or `scales_and_zeros`), so a quantized model is
 for inference only: `save_pretrained` refuses it (load the checkpoint again without quantize= to
 save), and it has no trainable decoder weights.
 """
