@@ -11,6 +11,7 @@ Stages (each writes under --work and is skipped when its output exists, so a kil
     warmup      the vision tower alone on per-patch shape/colour/word labels (nanopali/train/patch_warmup.py),
                 background patches weighed down
     train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable
+    more        further, lower cosine cycles of the trainer, each from the last one's weights (WORK/run2, ...)
     ship        the newest checkpoint in bf16 + tokenizer + VQ-VAE into nanopali/default_model/, scored on
                 1000 held-out scenes (nanopali/world_eval.py, seed 3; every answer in WORK/eval-records.json),
                 examples/world-*.png (seed 5), the card
@@ -196,6 +197,28 @@ def stage_train(work: Path) -> Path:
     return fit(config, train_data=WorldExamples(stage_data(work)))
 
 
+# Further cosine cycles, each from the previous cycle's last weights with a fresh optimizer and data order, at a
+# lower peak lr, detection and segmentation (still improving when the first cycle's lr had decayed) shown 3x.
+MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
+        {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4}]
+MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
+RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
+
+
+def _finished(run: Path, steps: int) -> Path | None:
+    from nanopali.train.checkpoint import latest
+    last = latest(run)
+    return last if last is not None and int(last.name.rsplit("-", 1)[1]) >= steps else None
+
+
+def stage_more(work: Path) -> Path:
+    source = _finished(work / "run", TRAIN["steps"]) or stage_train(work)
+    for run, cycle in zip(RUNS[1:], MORE):
+        config = TrainConfig(model=str(source), out=str(work / run), resume=True, **cycle)
+        source = _finished(work / run, cycle["steps"]) or fit(config, train_data=WorldExamples(stage_data(work), MORE_REPEAT))
+    return source
+
+
 TARGETS = {"vqa/how many": 0.95, "vqa/what color": 0.95, "vqa/what shape": 0.95, "vqa/where": 0.95,
            "caption/exact_match": 0.80, "detect/map50": 0.90, "segment/miou": 0.75, "ocr/exact_match": 0.90}
 SHIP = Path(__file__).resolve().parents[1] / "nanopali" / "default_model"
@@ -207,7 +230,7 @@ def stage_ship(work: Path, n_eval: int = 1000) -> Path:
     import nanopali
     from nanopali.train.checkpoint import latest
     from nanopali.world_eval import evaluate_world
-    source = latest(work / "run")
+    source = next((c for c in (latest(work / run) for run in reversed(RUNS)) if c is not None), None)  # the last cycle's
     if source is None:
         raise SystemExit(f"no checkpoint under {work / 'run'}: run the train stage first")
     if SHIP.exists():
@@ -223,14 +246,15 @@ def stage_ship(work: Path, n_eval: int = 1000) -> Path:
                                       progress=True, return_records=True)
     print(f"evaluation of {n_eval} held-out scenes: {time.perf_counter() - start:.0f} s")
     (work / "eval-records.json").write_text(json.dumps(records))  # every answer, for reading the errors
-    (work / "metrics.json").write_text(json.dumps({"checkpoint": source.name, **metrics}, indent=1))
+    (work / "metrics.json").write_text(json.dumps({"checkpoint": str(source.relative_to(work)), **metrics}, indent=1))
     return stage_card(work)
 
 
 def stage_card(work: Path) -> Path:
     """(Re)write the model card from WORK/metrics.json and WORK/limitations.md, without evaluating again."""
     metrics = json.loads((work / "metrics.json").read_text())
-    source = work / "run" / metrics.pop("checkpoint")
+    name = metrics.pop("checkpoint")
+    source = work / name if "/" in name else work / "run" / name  # metrics of a first-cycle-only ship name no folder
     (SHIP / "README.md").write_text(model_card(work, source, metrics))
     return SHIP
 
@@ -274,8 +298,14 @@ def model_card(work: Path, source: Path, metrics: dict) -> str:
         rows.append(f"| {key} | {shown} | {wanted} | {met} | {metrics.get('n/' + key.split('/')[0] if not key.startswith('vqa') else 'n/' + key, '')} |")
     times = json.loads((work / "times.json").read_text()) if (work / "times.json").is_file() else {}
     params = sum(t.numel() for t in PaliGemma.from_pretrained(source).parameters())
+    cycles = MORE[:RUNS.index(source.parent.name)]
+    more = "".join(
+        f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
+        f"optimizer and data order, detection and segmentation {MORE_REPEAT['detect']}x per epoch: "
+        f"`{json.dumps({key: v for key, v in cycle.items() if v != TRAIN.get(key)})}` (the rest as above).\n"
+        for k, cycle in enumerate(cycles))
     return template.format(
-        metrics_table="\n".join(rows), params=f"{params / 1e6:.1f}", steps=int(source.name.rsplit("-", 1)[1]),
+        metrics_table="\n".join(rows), params=f"{params / 1e6:.1f}", steps=TRAIN["steps"], more=more,
         times=", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), train=json.dumps(TRAIN),
         vision=json.dumps(VISION), text=json.dumps(TEXT), n_scenes=N_SCENES["train"],
         vocab=PaliGemmaConfig.from_pretrained(source).text_config.vocab_size, mb=f"{2 * params / 2**20:.0f}",
@@ -284,7 +314,7 @@ def model_card(work: Path, source: Path, metrics: dict) -> str:
 
 
 STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "data": stage_data, "init": stage_init,
-          "warmup": stage_warmup, "train": stage_train, "ship": stage_ship, "card": stage_card}
+          "warmup": stage_warmup, "train": stage_train, "more": stage_more, "ship": stage_ship, "card": stage_card}
 
 
 def main(argv=None) -> None:
