@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nanopali.tasks import SegmentationVAE, parse_objects
 from nanopali.train import JsonlDataset
@@ -185,9 +186,7 @@ def test_ocr_is_the_rendered_word(scenes):
 
 
 def test_script_writes_jsonl_the_trainer_loads(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_world_data", ROOT / "scripts" / "make_world_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("make_world_data")
     script.main(["--out", str(tmp_path), "--n", "6", "--seed", "1", "--size", "128", "--vae", str(VAE_PATH)])
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     data = JsonlDataset(tmp_path / "train.jsonl", skip_bad=True)
@@ -227,3 +226,42 @@ def test_patch_labels_name_the_object_word_or_nothing_under_each_patch(scenes):
             assert (labels[:, 2] > 0).any()
     with pytest.raises(ValueError, match="whole patches"):
         patch_labels(scenes[0][0], 9)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_word_probe_reads_words_only_from_features_that_carry_them():
+    """scripts/probe_word_features.py's logistic regression: near-perfect on features that encode the word
+    (one noisy direction per word), near chance when the same features are paired with shuffled words."""
+    probe = _script("probe_word_features")
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(len(WORDS), (1200,), generator=g)
+    directions = torch.randn(len(WORDS), 32, generator=g)
+    x = directions[words] + 0.3 * torch.randn(1200, 32, generator=g)
+    assert probe.probe_accuracy(x, words, n_fit=1000) > 0.95
+    assert probe.probe_accuracy(x, words[torch.randperm(1200, generator=g)], n_fit=1000) < 0.15
+
+
+def test_word_probe_averages_the_image_tokens_over_the_word_patches():
+    probe = _script("probe_word_features")
+    from nanopali import PaliGemma, PaliGemmaConfig, TextConfig, VisionConfig
+    torch.manual_seed(0)
+    model = PaliGemma(PaliGemmaConfig(
+        VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16),
+        TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16), image_token_index=299)).init_weights().eval()
+    scenes = [s for s in (make_scene(random.Random(f"probe:{i}"), size=64) for i in range(40)) if s.word][:3]
+    images = np.stack([np.asarray(s.image) for s in scenes])
+    labels = np.stack([patch_labels(s, 4) for s in scenes])
+    got = probe.word_features(model, images, labels, batch=2)
+    with torch.no_grad():
+        tokens = model.image_features(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    for i in range(len(scenes)):
+        on_word = labels[i, :, 2] > 0
+        assert 0 < on_word.sum() < 16
+        torch.testing.assert_close(got[i], tokens[i, torch.from_numpy(on_word)].mean(0))
