@@ -253,8 +253,7 @@ def stage_ship(work: Path, n_eval: int = 1000) -> Path:
 def stage_card(work: Path) -> Path:
     """(Re)write the model card from WORK/metrics.json and WORK/limitations.md, without evaluating again."""
     metrics = json.loads((work / "metrics.json").read_text())
-    name = metrics.pop("checkpoint")
-    source = work / name if "/" in name else work / "run" / name  # metrics of a first-cycle-only ship name no folder
+    source = work / metrics.pop("checkpoint")
     (SHIP / "README.md").write_text(model_card(work, source, metrics))
     return SHIP
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nanopali import PaliGemma
+from nanopali.images import preprocess
 from nanopali.world import WORDS
 
 
@@ -27,7 +28,7 @@ def word_features(model: PaliGemma, images: np.ndarray, labels: np.ndarray, batc
     out = []
     with torch.no_grad():
         for a in range(0, len(images), batch):
-            pixels = torch.from_numpy(images[a:a + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1  # the processor's [-1, 1]
+            pixels = preprocess(images[a:a + batch], images.shape[1])                          # the processor's pixels
             tokens = model.image_features(pixels)                                               # (B, P, D)
             on_word = torch.from_numpy(labels[a:a + batch, :, 2] > 0).float()[..., None]        # (B, P, 1)
             out.append((tokens * on_word).sum(1) / on_word.sum(1))
