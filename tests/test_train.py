@@ -219,3 +219,71 @@ def test_detection_metrics_use_the_parser():
     assert exact == [1.0, 1.0] and n == 2
     shifted, n = detection_scores("<loc0000><loc0256><loc0512><loc0768> cat", truth, (100, 100))
     assert shifted == [pytest.approx(1 / 3, abs=0.02), 0.0] and n == 1
+
+
+# ---------------------------------------------------------------- auxiliary loss on the vision tower's tokens
+
+def patch_examples(data) -> list[dict]:
+    """The JSONL examples as dict items with per-patch labels (16 patches; groups of 3 and 2 classes) that
+    depend on the patch's place only, so the tower can learn them through its position embeddings."""
+    place = np.arange(16)
+    labels = np.stack([place % 3, place // 8], -1)
+    return [{"image": e.image, "prefix": e.prefix, "suffix": e.suffix, "patch_labels": labels} for e in JsonlDataset(data)]
+
+
+def run_aux(base, examples, out, weight: float | None, **kw):
+    from nanopali.train.patch_warmup import PatchLoss
+    torch.manual_seed(7)
+    auxiliary = PatchLoss(32, (3, 2), background_weight=0.5, weight=weight) if weight is not None else None
+    options = dict(model=str(base), out=str(out), steps=6, batch_size=2, lr=3e-3, warmup_steps=2, seed=1)
+    final = fit(TrainConfig(**{**options, **kw}), train_data=examples, auxiliary=auxiliary)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return final, auxiliary, rows
+
+
+def test_auxiliary_patch_loss_trains_its_heads_and_the_tower_only_through_its_weight(base, data, tmp_path):
+    examples = patch_examples(data)
+    plain, _, plain_rows = run_aux(base, examples, tmp_path / "plain", None)
+    zero, _, zero_rows = run_aux(base, examples, tmp_path / "zero", 0.0)
+    one, heads, rows = run_aux(base, examples, tmp_path / "one", 1.0, steps=30, lr_scale={"auxiliary.*": 10.0},
+                               max_grad_norm=None)
+    # weight 0: the same training as none (up to the rounding of a gradient norm over more tensors), and the
+    # logged loss is the language-model loss alone
+    assert_same_training(weights(plain), weights(zero))
+    assert [r["loss"] for r in zero_rows] == pytest.approx([r["loss"] for r in plain_rows], rel=1e-5)
+    assert "aux_loss" not in plain_rows[0] and zero_rows[0]["aux_loss"] == 0.0
+    # weight 1: the heads learn the labels and the tower moves differently
+    aux = [r["aux_loss"] for r in rows]
+    assert aux[-1] < 0.7 * aux[0], f"auxiliary loss went from {aux[0]:.3f} to {aux[-1]:.3f}"
+    short = weights(run_aux(base, examples, tmp_path / "plain30", None, steps=30, max_grad_norm=None)[0])
+    trained = weights(one)
+    assert not torch.equal(trained["vision_tower.vision_model.post_layernorm.weight"],
+                           short["vision_tower.vision_model.post_layernorm.weight"])
+    assert not any(k.startswith("auxiliary") or "heads" in k for k in trained)  # the heads stay out of the model
+    state = torch.load(one / "trainer_state.pt", weights_only=False)["auxiliary"]
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(3e-2)  # lr_scale "auxiliary.*"
+    for k, v in heads.state_dict().items():
+        assert torch.equal(state["module"][k], v)
+
+
+def test_auxiliary_loss_resumes_exactly_and_refuses_a_mismatched_resume(base, data, tmp_path):
+    from nanopali.train.patch_warmup import PatchLoss
+    examples = patch_examples(data)
+    straight, straight_heads, _ = run_aux(base, examples, tmp_path / "a", 1.0)
+    out = tmp_path / "b"
+    stopped, _, _ = run_aux(base, InterruptAt(examples, at=5), out, 1.0)
+    assert stopped.name == "checkpoint-000003"
+    resumed, resumed_heads, _ = run_aux(base, examples, out, 1.0, resume=True)
+    a, b = weights(straight), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    for k, v in straight_heads.state_dict().items():
+        assert torch.equal(resumed_heads.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="started with an auxiliary loss"):
+        run_aux(base, examples, out, None, resume=True, steps=8)
+    with pytest.raises(ValueError, match="'patch_labels'.*train.jsonl:1"):
+        fit(TrainConfig(model=str(base), out=str(tmp_path / "c"), steps=1, batch_size=4),
+            train_data=list(JsonlDataset(data)), auxiliary=PatchLoss(32, (3, 2)))
+    with pytest.raises(ValueError, match="16 patches and there are 3 label groups"):
+        fit(TrainConfig(model=str(base), out=str(tmp_path / "d"), steps=1, batch_size=4), train_data=examples,
+            auxiliary=PatchLoss(32, (3, 2, 2)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class Example:
     prefix: str
     suffix: str
     source: str = ""  # "file.jsonl:12", for error messages
+    extra: dict = field(default_factory=dict)  # further fields of a dict item, e.g. labels for an auxiliary loss
 
 
 class JsonlDataset(Sequence):
@@ -87,7 +88,8 @@ def as_example(item, where: str) -> Example:
     if isinstance(item, Example):
         return item
     if isinstance(item, dict) and all(f in item for f in FIELDS):
-        return Example(item["image"], item["prefix"], item["suffix"], where)
+        return Example(item["image"], item["prefix"], item["suffix"], where,
+                       {k: v for k, v in item.items() if k not in FIELDS})
     raise DataError(f"{where}: expected an Example or a dict with fields {FIELDS}, got {type(item).__name__}")
 
 

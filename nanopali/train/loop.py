@@ -8,6 +8,12 @@ the loss of the step is the mean over the suffix tokens of the whole global batc
 examples), whatever the split. Checkpoints (checkpoint.py) are written every save_every steps,
 at the end, and when SIGTERM/SIGINT arrives; `resume=True` continues from the newest one exactly.
 With lora_rank > 0 only LoRA adapters on the decoder train (lora.py) and checkpoints hold the merged model.
+
+`fit(..., auxiliary=module)` adds an auxiliary loss on the vision tower's output tokens:
+`module(features (B, P, D), examples) -> scalar`, e.g. patch_warmup.PatchLoss on per-patch labels the
+examples carry. Its parameters have their own AdamW on the same schedule, without weight decay, at lr
+times the lr_scale matching "auxiliary.<name>"; they live in the trainer state (not in the model's
+weights), so a resumed run continues them. It runs in one process only.
 """
 
 from __future__ import annotations
@@ -135,9 +141,11 @@ def _plot(metrics_file: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
+def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.nn.Module | None = None) -> Path:
     """Train; return the final checkpoint directory."""
     d = distributed.setup(config.device)
+    if auxiliary is not None and d.world > 1:
+        raise ValueError("an auxiliary loss trains in one process only: its parameters are outside DDP/FSDP")
     out = Path(config.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +177,7 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
+    aux_opt, aux_sched, captured = _auxiliary(auxiliary, model, config, d.device, state)
 
     train = train_data if train_data is not None else JsonlDataset(config.data, config.skip_bad) if config.data else None
     if train is None:
@@ -190,6 +199,9 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
                              "data_position": at * per_step, "config": asdict(config)}
             if adapter is not None:
                 trainer_state["lora"] = adapter
+            if auxiliary is not None:
+                trainer_state["auxiliary"] = {"module": auxiliary.state_dict(), "optimizer": aux_opt.state_dict(),
+                                              "scheduler": aux_sched.state_dict()}
             write = _write_model(weights, distributed.unwrap(wrapped).config, processor)
             path = checkpoint.save(out, at, write, trainer_state, config.keep_checkpoints)
         d.barrier()
@@ -204,34 +216,44 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
     with _StopSignal() as stop:
         while step < config.steps and not stop.requested:
             start = time.perf_counter()
-            micro = []
+            micro, micro_examples = [], []
             for _ in range(config.grad_accum):
                 examples = [next(stream) for _ in range(config.batch_size * d.world)]
                 mine = examples[d.rank * config.batch_size:(d.rank + 1) * config.batch_size]
                 micro.append({k: v.to(d.device) for k, v in collate(processor, mine, config.max_length).items()})
+                micro_examples.append(mine)
             # divide by the count over the global batch, times world size (DDP/FSDP average the ranks)
             total = d.sum(sum(count(b["labels"], config.loss_reduction) for b in micro))
-            step_loss = 0.0
+            step_loss = aux_loss = 0.0
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-                    loss = wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
-                                   denominator=max(total, 1) / d.world).loss
+                    lm_loss = wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
+                                      denominator=max(total, 1) / d.world).loss
+                    loss = lm_loss
+                    if auxiliary is not None:  # on the features this forward just made: (B, P, D)
+                        aux = auxiliary(captured.pop(), micro_examples[i]) / len(micro)
+                        captured.clear()  # what evaluation's forwards added
+                        aux_loss += aux.item()
+                        loss = lm_loss + aux
                 loss.backward()
-                step_loss += loss.item() / d.world
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
-                                                        config.max_grad_norm).item() if config.max_grad_norm else None)
+                step_loss += lm_loss.item() / d.world
+            trained = [p for p in wrapped.parameters() if p.requires_grad] + list(auxiliary.parameters() if auxiliary else [])
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm).item() if config.max_grad_norm else None
             lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            for o, s in ((opt, sched), (aux_opt, aux_sched)):
+                if o is not None:
+                    o.step()
+                    s.step()
+                    o.zero_grad(set_to_none=True)
             step += 1
             step_loss = d.sum(step_loss)
             seconds = time.perf_counter() - start
             tokens = d.sum(sum(int(b["attention_mask"].sum()) for b in micro))
             if step % config.log_every == 0 or step == config.steps:
                 log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                     "examples_per_s": per_step / seconds, "tokens_per_s": tokens / seconds})
+                     "examples_per_s": per_step / seconds, "tokens_per_s": tokens / seconds,
+                     **({"aux_loss": aux_loss} if auxiliary is not None else {})})
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{per_step / seconds:.1f}")
             bar.update(1)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
@@ -246,6 +268,27 @@ def fit(config: TrainConfig, train_data=None, eval_data=None) -> Path:
         _plot(metrics, out / "loss.png")
     distributed.teardown()
     return final
+
+
+def _auxiliary(auxiliary, model, config: TrainConfig, device, state):
+    """The auxiliary loss's optimizer and schedule (restored from a resumed run's state), and the list a
+    forward hook on the vision tower appends its output to; all None without an auxiliary loss."""
+    saved = state.get("auxiliary") if state is not None else None
+    if state is not None and (saved is None) != (auxiliary is None):
+        raise ValueError("cannot resume: the run was started " + ("without" if saved is None else "with")
+                         + " an auxiliary loss and this call passes " + ("one" if saved is None else "none"))
+    if auxiliary is None:
+        return None, None, None
+    auxiliary.to(device).train()
+    opt = optimizer(torch.nn.ModuleDict({"auxiliary": auxiliary}), config.lr, 0.0, config.lr_scale)  # "auxiliary.*"
+    sched = schedule(opt, config.warmup_steps, config.steps, config.min_lr_ratio)
+    if saved is not None:
+        auxiliary.load_state_dict(saved["module"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+    captured = []
+    model.vision.register_forward_hook(lambda module, args, output: captured.append(output))
+    return opt, sched, captured
 
 
 def _evaluate(model, processor, examples, config: TrainConfig, d: distributed.Dist) -> dict:

@@ -6,9 +6,12 @@ A from-scratch VLM whose vision tower starts random tends to learn the answer pr
 ignore the image (the gradient reaching the tower is tiny). Training the tower alone on dense labels
 (here: which shape, colour and word covers each patch, world.patch_labels) first gives it features
 the decoder can read from its first step. One linear head per label group on the tower's output
-tokens, summed cross-entropies, AdamW with warm-up and cosine decay; the heads are thrown away after.
-Most patches are background (class 0): `background_weight` < 1 weighs them down so the gradient is
-spent on the patches that carry an object, and the log reports accuracy on those patches too.
+tokens (PatchHeads), summed cross-entropies, AdamW with warm-up and cosine decay; the heads are
+thrown away after. Most patches are background (class 0): `background_weight` < 1 weighs them down so
+the gradient is spent on the patches that carry an object, and the log reports accuracy on those patches too.
+
+The same heads can keep those features alive while the whole model trains: `PatchLoss` is an auxiliary
+loss for the trainer (`fit(..., auxiliary=PatchLoss(...))`), on the labels each example carries.
 """
 
 from __future__ import annotations
@@ -23,6 +26,25 @@ from torch import nn
 from tqdm import tqdm
 
 from ..vision import SiglipVisionModel
+
+
+class PatchHeads(nn.Module):
+    """One linear classifier per label group on the tower's output tokens."""
+
+    def __init__(self, hidden_size: int, num_classes: Sequence[int], background_weight: float = 1.0):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(hidden_size, k) for k in num_classes)
+        for g, k in enumerate(num_classes):  # class 0 (background) weighs background_weight
+            self.register_buffer(f"class_weight_{g}", torch.tensor([background_weight] + [1.0] * (k - 1)), persistent=False)
+
+    def logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """features (B, P, D) -> per group (B, P, classes), in float32."""
+        return [head(features.float()) for head in self.heads]
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed (background-weighted) cross-entropies of features (B, P, D) against labels int (B, P, G)."""
+        return sum(F.cross_entropy(logits.flatten(0, 1), labels[..., k].flatten(), weight=getattr(self, f"class_weight_{k}"))
+                   for k, logits in enumerate(self.logits(features)))
 
 
 def warm_up_vision(vision: SiglipVisionModel, pixels: torch.Tensor, labels: torch.Tensor,
@@ -40,8 +62,7 @@ def warm_up_vision(vision: SiglipVisionModel, pixels: torch.Tensor, labels: torc
         raise ValueError(f"labels have {patches} patches per image; the tower makes {vision.config.num_patches}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    heads = nn.ModuleList(nn.Linear(vision.config.hidden_size, k) for k in num_classes)
-    class_weights = [torch.tensor([background_weight] + [1.0] * (k - 1)) for k in num_classes]
+    heads = PatchHeads(vision.config.hidden_size, num_classes, background_weight)
     params = [*vision.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -57,9 +78,7 @@ def warm_up_vision(vision: SiglipVisionModel, pixels: torch.Tensor, labels: torc
         y = labels[idx]  # (B, P, G)
         with autocast:
             features = vision(x)  # (B, P, D)
-        losses = [F.cross_entropy(head(features.float()).flatten(0, 1), y[..., k].flatten(), weight=class_weights[k])
-                  for k, head in enumerate(heads)]
-        loss = sum(losses)
+        loss = heads.loss(features, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -67,7 +86,7 @@ def warm_up_vision(vision: SiglipVisionModel, pixels: torch.Tensor, labels: torc
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
             with torch.no_grad():
-                hits = [head(features.float()).argmax(-1) == y[..., k] for k, head in enumerate(heads)]
+                hits = [logits.argmax(-1) == y[..., k] for k, logits in enumerate(heads.logits(features))]
                 acc = [h.float().mean().item() for h in hits]
                 labelled = [h[y[..., k] > 0].float().mean().item() for k, h in enumerate(hits)]
                 baseline = [torch.bincount(y[..., k].flatten()).max().item() / y[..., k].numel() for k in range(groups)]
@@ -75,3 +94,23 @@ def warm_up_vision(vision: SiglipVisionModel, pixels: torch.Tensor, labels: torc
                         "majority_baseline": baseline})
     vision.eval()
     return log
+
+
+class PatchLoss(PatchHeads):
+    """An auxiliary loss for the trainer (loop.fit's `auxiliary`): `weight` x PatchHeads.loss against the
+    per-patch labels int (P, G) each training example carries under `key` (a field of its dict item)."""
+
+    def __init__(self, hidden_size: int, num_classes: Sequence[int], background_weight: float = 1.0,
+                 weight: float = 1.0, key: str = "patch_labels"):
+        super().__init__(hidden_size, num_classes, background_weight)
+        self.weight, self.key = weight, key
+
+    def forward(self, features: torch.Tensor, examples) -> torch.Tensor:
+        missing = [e.source for e in examples if self.key not in e.extra]
+        if missing:
+            raise ValueError(f"the auxiliary patch loss needs {self.key!r} in every example; {missing} have none")
+        labels = torch.stack([torch.as_tensor(e.extra[self.key]) for e in examples]).long().to(features.device)
+        if labels.shape[:2] != features.shape[:2] or labels.shape[2] != len(self.heads):
+            raise ValueError(f"{self.key} of shape {tuple(labels.shape[1:])} per example, but the tower makes "
+                             f"{features.shape[1]} patches and there are {len(self.heads)} label groups")
+        return self.weight * self.loss(features, labels)
