@@ -305,6 +305,17 @@ def warmup_accuracy(work: Path, last: int = 5) -> str:
     return ", ".join(f"{name} {100 * a:.0f} %" for name, a in zip(("shape", "colour", "word"), acc))
 
 
+def _cycle_line(k: int, cycle: dict) -> str:
+    """The card's list item for MORE[k]."""
+    repeat = cycle.get("repeat", MORE_REPEAT)
+    shown = ", ".join(f"{task} {n}x" for task, n in repeat.items() if n != REPEAT.get(task, 1))
+    aux = (f", plus the vision warm-up's per-patch labels as an auxiliary loss of weight {cycle['patch_loss']} "
+           f"(nanopali/train/patch_warmup.PatchLoss)" if cycle.get("patch_loss") else "")
+    changed = {key: v for key, v in cycle.items() if key not in ("repeat", "patch_loss") and v != TRAIN.get(key)}
+    return (f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
+            f"optimizer and data order, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` (the rest as above).\n")
+
+
 def model_card(work: Path, source: Path, metrics: dict) -> str:
     """The model card: what the model is, how it was made, and its held-out scores against the targets."""
     template = (Path(__file__).parent / "default_model_card.md").read_text()
@@ -317,12 +328,7 @@ def model_card(work: Path, source: Path, metrics: dict) -> str:
         rows.append(f"| {key} | {shown} | {wanted} | {met} | {metrics.get('n/' + key.split('/')[0] if not key.startswith('vqa') else 'n/' + key, '')} |")
     times = json.loads((work / "times.json").read_text()) if (work / "times.json").is_file() else {}
     params = sum(t.numel() for t in PaliGemma.from_pretrained(source).parameters())
-    cycles = MORE[:RUNS.index(source.parent.name)]
-    more = "".join(
-        f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
-        f"optimizer and data order, detection and segmentation {MORE_REPEAT['detect']}x per epoch: "
-        f"`{json.dumps({key: v for key, v in cycle.items() if v != TRAIN.get(key)})}` (the rest as above).\n"
-        for k, cycle in enumerate(cycles))
+    more = "".join(_cycle_line(k, cycle) for k, cycle in enumerate(MORE[:RUNS.index(source.parent.name)]))
     return template.format(
         metrics_table="\n".join(rows), params=f"{params / 1e6:.1f}", steps=TRAIN["steps"], more=more,
         times=", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), train=json.dumps(TRAIN),

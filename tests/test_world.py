@@ -265,3 +265,24 @@ def test_word_probe_averages_the_image_tokens_over_the_word_patches():
         on_word = labels[i, :, 2] > 0
         assert 0 < on_word.sum() < 16
         torch.testing.assert_close(got[i], tokens[i, torch.from_numpy(on_word)].mean(0))
+
+
+def test_recipe_examples_repeat_per_task_and_carry_their_scenes_patch_labels(tmp_path):
+    """make_default_model.WorldExamples: each example listed repeat[task] times, with its own scene's image and
+    (for the auxiliary loss) per-patch labels; the card names each later cycle's auxiliary loss."""
+    recipe = _script("make_default_model")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, (3, 4, 3))
+    rows = [(0, "caption en", "a red circle"), (2, "ocr", "cat"), (1, "answer en how many shapes?", "2")]
+    np.savez(tmp_path / "d.npz", images=images, labels=labels, scene=np.array([r[0] for r in rows]),
+             prefix=np.array([r[1] for r in rows]), suffix=np.array([r[2] for r in rows]))
+    data = recipe.WorldExamples(tmp_path / "d.npz", {"caption": 2, "ocr": 3}, patch_labels=True)
+    assert [item["prefix"] for item in data] == ["caption en"] * 2 + ["ocr"] * 3 + ["answer en how many shapes?"]
+    for item in data:
+        scene = next(r[0] for r in rows if r[1] == item["prefix"])
+        assert np.array_equal(np.asarray(item["image"]), images[scene])
+        assert np.array_equal(item["patch_labels"], labels[scene])
+    assert "patch_labels" not in recipe.WorldExamples(tmp_path / "d.npz")[0]
+    lines = [recipe._cycle_line(k, cycle) for k, cycle in enumerate(recipe.MORE)]
+    assert ["auxiliary loss" in line for line in lines] == [bool(c.get("patch_loss")) for c in recipe.MORE]
