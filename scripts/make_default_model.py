@@ -204,14 +204,16 @@ def stage_train(work: Path) -> Path:
 
 # Further cosine cycles, each from the previous cycle's last weights with a fresh optimizer and data order, at a
 # lower peak lr, detection and segmentation (still improving when the first cycle's lr had decayed) shown 3x.
-# The last cycle is about reading: decoder training had worn away the tower's word features (a linear probe,
+# The last two cycles are about reading: decoder training had worn away the tower's word features (a linear probe,
 # scripts/probe_word_features.py: 73 % after the warm-up, 30 % after cycle 3), so it keeps the warm-up's per-patch
-# labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its fresh heads at 10x the lr)
-# and shows OCR 6x.
+# labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its heads at 10x the lr, fresh
+# in the first such cycle, then carried over) and shows OCR 6x.
 MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4},
         {**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5, "patch_loss": 0.5,
+         "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}},
+        {**TRAIN, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6, "patch_loss": 0.5,
          "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
@@ -223,6 +225,7 @@ def _finished(run: Path, steps: int) -> Path | None:
 
 
 def stage_more(work: Path) -> Path:
+    from nanopali.train import checkpoint
     from nanopali.train.patch_warmup import PatchLoss
     source = _finished(work / "run", TRAIN["steps"]) or stage_train(work)
     for run, cycle in zip(RUNS[1:], MORE):
@@ -234,6 +237,8 @@ def stage_more(work: Path) -> Path:
         weight = cycle.get("patch_loss")
         torch.manual_seed(cycle["seed"])  # the auxiliary heads' initialisation
         auxiliary = PatchLoss(VISION["hidden_size"], NUM_CLASSES, WARMUP_COMMON["background_weight"], weight) if weight else None
+        if auxiliary is not None and (saved := checkpoint.load_state(source).get("auxiliary")) is not None:
+            auxiliary.load_state_dict(saved["module"])  # the previous cycle's trained heads
         data = WorldExamples(stage_data(work), cycle.get("repeat", MORE_REPEAT), patch_labels=auxiliary is not None)
         source = fit(config, train_data=data, auxiliary=auxiliary)
     return source
