@@ -6,7 +6,8 @@ For the first 6000 training scenes that show a word (WORK/data-train.npz of make
 tokens (`PaliGemma.image_features`, after the projector) are averaged over the patches the word touches
 (world.patch_labels), and a logistic regression (full batch, Adam, small L2) learns the word from the first 5000;
 the printed accuracy is on the other 1000. A model that reads needs this information in its image tokens; the
-model card uses the probe to show that decoder training wore it away.
+model card uses the probe to show that decoder training wore it away, and that the auxiliary per-patch loss
+of the later cycles (train/patch_warmup.PatchLoss) brought it back.
 """
 
 from __future__ import annotations
