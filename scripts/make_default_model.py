@@ -210,12 +210,11 @@ def stage_train(work: Path) -> Path:
 # labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its heads at 10x the lr, fresh
 # in the first such cycle, then carried over) and shows OCR 6x.
 MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
+READ = {"patch_loss": 0.5, "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4},
-        {**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5, "patch_loss": 0.5,
-         "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}},
-        {**TRAIN, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6, "patch_loss": 0.5,
-         "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}]
+        {**TRAIN, **READ, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5},
+        {**TRAIN, **READ, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
 
@@ -225,9 +224,21 @@ def _finished(run: Path, steps: int) -> Path | None:
     return last if last is not None and int(last.name.rsplit("-", 1)[1]) >= steps else None
 
 
-def stage_more(work: Path) -> Path:
+def patch_loss(cycle: dict, source: Path):
+    """A cycle's auxiliary PatchLoss, None without "patch_loss": the heads the checkpoint `source` was trained
+    with when its trainer state has them (the previous reading cycle's), else fresh ones seeded by the cycle."""
     from nanopali.train import checkpoint
     from nanopali.train.patch_warmup import PatchLoss
+    if not cycle.get("patch_loss"):
+        return None
+    torch.manual_seed(cycle["seed"])
+    auxiliary = PatchLoss(VISION["hidden_size"], NUM_CLASSES, WARMUP_COMMON["background_weight"], cycle["patch_loss"])
+    if (saved := checkpoint.load_state(source).get("auxiliary")) is not None:
+        auxiliary.load_state_dict(saved["module"])
+    return auxiliary
+
+
+def stage_more(work: Path) -> Path:
     source = _finished(work / "run", TRAIN["steps"]) or stage_train(work)
     for run, cycle in zip(RUNS[1:], MORE):
         if (done := _finished(work / run, cycle["steps"])) is not None:
@@ -235,11 +246,7 @@ def stage_more(work: Path) -> Path:
             continue
         options = {k: v for k, v in cycle.items() if k not in ("patch_loss", "repeat")}
         config = TrainConfig(model=str(source), out=str(work / run), resume=True, **options)
-        weight = cycle.get("patch_loss")
-        torch.manual_seed(cycle["seed"])  # the auxiliary heads' initialisation
-        auxiliary = PatchLoss(VISION["hidden_size"], NUM_CLASSES, WARMUP_COMMON["background_weight"], weight) if weight else None
-        if auxiliary is not None and (saved := checkpoint.load_state(source).get("auxiliary")) is not None:
-            auxiliary.load_state_dict(saved["module"])  # the previous cycle's trained heads
+        auxiliary = patch_loss(cycle, source)
         data = WorldExamples(stage_data(work), cycle.get("repeat", MORE_REPEAT), patch_labels=auxiliary is not None)
         source = fit(config, train_data=data, auxiliary=auxiliary)
     return source

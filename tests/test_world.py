@@ -286,3 +286,24 @@ def test_recipe_examples_repeat_per_task_and_carry_their_scenes_patch_labels(tmp
     assert "patch_labels" not in recipe.WorldExamples(tmp_path / "d.npz")[0]
     lines = [recipe._cycle_line(k, cycle) for k, cycle in enumerate(recipe.MORE)]
     assert ["auxiliary loss" in line for line in lines] == [bool(c.get("patch_loss")) for c in recipe.MORE]
+
+
+def test_recipe_reading_cycles_carry_the_previous_cycles_heads(tmp_path):
+    """make_default_model.patch_loss: none for a cycle without "patch_loss"; for a reading cycle, fresh heads
+    seeded by the cycle (the same twice) after a checkpoint trained without them, else that checkpoint's heads."""
+    from nanopali.train import checkpoint
+    recipe = _script("make_default_model")
+    plain, first, second = recipe.MORE[0], recipe.MORE[-2], recipe.MORE[-1]
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir(), after.mkdir()
+    torch.save({"step": 1}, before / checkpoint.STATE_FILE)
+    assert recipe.patch_loss(plain, before) is None
+    fresh = recipe.patch_loss(first, before)
+    assert fresh.weight == first["patch_loss"]
+    for k, v in recipe.patch_loss(first, before).state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    trained = {k: v + 1.0 for k, v in fresh.state_dict().items()}
+    torch.save({"step": 2, "auxiliary": {"module": trained}}, after / checkpoint.STATE_FILE)
+    carried = recipe.patch_loss(second, after).state_dict()
+    for k, v in trained.items():
+        assert torch.equal(carried[k], v), k
