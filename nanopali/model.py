@@ -80,6 +80,11 @@ class PaliGemma(nn.Module):
 
     # ---------------------------------------------------------------- forward pieces
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: the processor's tensors go there before generating (pipeline.py, streaming.py)."""
+        return self.decoder.embed_tokens.weight.device
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (I, 3, S, S) -> projected image tokens (I, N, D)."""
         return self.multi_modal_projector(self.vision(pixel_values))

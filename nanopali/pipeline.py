@@ -145,6 +145,7 @@ class Pali:
         kwargs.setdefault("max_new_tokens", TASK_TOKENS[task])
         tok = self.processor.tokenizer
         batch = self.processor(images=images, prompts=prompts, padding_side="left")
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
         start = time.perf_counter()
         out = self.model.generate(**batch, return_logprobs=True, **{**tokenizer_settings(tok), **kwargs})
         self.stats = {"new_tokens": int((out.tokens != tok.pad_id).sum()), "seconds": time.perf_counter() - start}

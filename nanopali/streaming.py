@@ -46,7 +46,7 @@ def stream(model, processor, image, prompt: str, **generate_kwargs) -> Iterator[
     if generate_kwargs.get("num_beams", 1) > 1:
         raise ValueError("beam search cannot stream: the best beam is only known at the end")
     generate_kwargs.pop("num_beams", None)
-    batch = processor(images=[image], prompts=[prompt])
+    batch = {k: v.to(model.device) for k, v in processor(images=[image], prompts=[prompt]).items()}
     tokenizer = processor.tokenizer
     eos = {tokenizer.eos_id}
     decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))

@@ -113,3 +113,14 @@ def test_segment_without_a_vae_is_a_clear_error(pali, image):
     bare = nanopali.pipeline.Pali(pali.model, pali.processor, vae=None, model_dir="/nowhere")
     with pytest.raises(FileNotFoundError, match="vae-oid.npz"):
         bare.segment(image, "cat")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_answers_as_on_the_cpu(pali, image, monkeypatch):
+    """The processor's tensors follow the model to its device (they are made on the CPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 patch convolution, as on the CPU: the same greedy tokens
+    on_gpu = nanopali.load(pali.model_dir, device="cuda")
+    assert on_gpu.model.device.type == "cuda"
+    assert on_gpu.caption([image, image[::-1]]) == pali.caption([image, image[::-1]])
+    assert list(on_gpu.stream(image, "caption en", max_new_tokens=8)) == list(pali.stream(image, "caption en", max_new_tokens=8))
+    assert on_gpu.segment(image, "cat").text == pali.segment(image, "cat").text
