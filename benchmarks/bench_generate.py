@@ -3,10 +3,13 @@
     python benchmarks/bench_generate.py --model /tmp/pg3b --new-tokens 16 --runs 3
     python benchmarks/bench_generate.py --quick            # 2-layer model of the 3B's widths, about a minute
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
+    python benchmarks/bench_generate.py --model /tmp/pg3b --device cuda --new-tokens 64 --runs 3   # on a GPU
 
 Frameworks (--frameworks): nanopali (its default, the compiled decode kernel of fast.py),
 nanopali-plain (fast=False: F.linear everywhere), nanopali-int8 (quantize="int8"), nanopali-int4
-(quantize="int4": group-wise int4 decoder layers, int8 head), transformers.
+(quantize="int4": group-wise int4 decoder layers, int8 head), transformers. With --device cuda the
+default is nanopali (each decode step replayed as a CUDA graph, decode.py), nanopali-eager
+(cuda_graphs=False: the same step run eagerly) and transformers.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",
@@ -27,6 +30,13 @@ by the bytes one decode step must read (every decoder weight and the tied head, 
 dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower).
 transformers uses its default attention (reported in the table) and its default DynamicCache;
 nanopali uses its static cache. The ratio column is nanopali / transformers.
+
+--device cuda loads both frameworks onto the GPU and waits for it (torch.cuda.synchronize) before
+every clock reading. The table adds the decode time per step, the first decode step alone (it
+includes nanopali's graph capture), the decode speed of the steps after it, and peak GPU memory
+(torch.cuda.max_memory_allocated). The driver then measures the GPU instead of the CPU: HBM
+bandwidth (the better of a bf16 torch.sum over 4 GiB, bytes read, and a 4 GiB device-to-device
+copy, bytes read + written) and bf16 matmul throughput (8192³ GEMM), each timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ import torch
 PROMPT_TOKENS = 10  # random text ids between <bos> and "\n"
 NEWLINE = 108       # "\n" in the Gemma tokenizer
 QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
-FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers")
+FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager", "transformers")
+DEFAULT_FRAMEWORKS = {"cpu": ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers"),
+                      "cuda": ("nanopali", "nanopali-eager", "transformers")}
 
 
 # ---------------------------------------------------------------- worker: one framework per process
@@ -56,7 +68,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def peak_gpu_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else 0.0
+
+
+def sync() -> None:
+    """Wait for the GPU, if one is in use: its kernels run asynchronously, so clocks are read after this."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The same prompt for both frameworks: long (B, T) ids/masks and (B, 3, S, S) pixels."""
     g = torch.Generator().manual_seed(seed)
     high = min(256000, config.image_token_index, config.text_config.vocab_size)
@@ -68,14 +90,17 @@ def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0) -> dict[s
     ], 1)
     size = config.vision_config.image_size
     pixels = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-    return dict(input_ids=ids, pixel_values=pixels.to(dtype), attention_mask=torch.ones_like(ids),
-                token_type_ids=torch.zeros_like(ids))
+    inputs = dict(input_ids=ids, pixel_values=pixels.to(dtype), attention_mask=torch.ones_like(ids),
+                  token_type_ids=torch.zeros_like(ids))
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 class NanoPali:
-    def __init__(self, path: str, dtype: torch.dtype, fast: bool = True, quantize: str | None = None):
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", fast: bool = True, quantize: str | None = None,
+                 cuda_graphs: bool = True):
         from nanopali import PaliGemma
-        self.model = PaliGemma.from_pretrained(path, dtype=dtype, fast=fast, quantize=quantize)
+        self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, fast=fast, quantize=quantize,
+                                               cuda_graphs=cuda_graphs)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
 
     def prefill(self, inputs, new_tokens: int):
@@ -92,9 +117,9 @@ class NanoPali:
 
 
 class Transformers:
-    def __init__(self, path: str, dtype: torch.dtype):
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu"):
         from transformers import PaliGemmaForConditionalGeneration
-        self.model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        self.model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.generation_config.eos_token_id = None  # never stop early, like eos_token_id=[] in nanopali
         self.attention = self.model.config._attn_implementation
 
@@ -116,8 +141,10 @@ class Transformers:
 
 
 def timed(fn, *args):
+    sync()
     start = time.perf_counter()
     out = fn(*args)
+    sync()
     return out, time.perf_counter() - start
 
 
@@ -139,32 +166,39 @@ def worker(args) -> dict:
     from nanopali import PaliGemmaConfig
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype)
-    make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d: NanoPali(p, d, fast=False),
-            "nanopali-int8": lambda p, d: NanoPali(p, d, quantize="int8"),
-            "nanopali-int4": lambda p, d: NanoPali(p, d, quantize="int4"), "transformers": Transformers}[args.worker]
-    fw, load_s = timed(make, args.model, dtype)
-    rss_after_load = peak_rss_gib()
-    n, prefill_s, decode_s, generate_s, busy = args.new_tokens, [], [], [], []
+    inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype, device=args.device)
+    make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d, dev: NanoPali(p, d, dev, fast=False),
+            "nanopali-int8": lambda p, d, dev: NanoPali(p, d, dev, quantize="int8"),
+            "nanopali-int4": lambda p, d, dev: NanoPali(p, d, dev, quantize="int4"),
+            "nanopali-eager": lambda p, d, dev: NanoPali(p, d, dev, cuda_graphs=False),
+            "transformers": Transformers}[args.worker]
+    fw, load_s = timed(make, args.model, dtype, args.device)
+    rss_after_load, gpu_after_load = peak_rss_gib(), peak_gpu_gib()
+    n, prefill_s, decode_s, first_step_s, generate_s, busy = args.new_tokens, [], [], [], [], []
     for run in range(args.runs + 1):
         cpu_start, wall_start = cpu_seconds(), time.perf_counter()
         (logits, state), t = timed(fw.prefill, inputs, n)
         prefill_s.append(t)
         if run == 0 and args.logits_out:
-            torch.save(logits[0].float(), args.logits_out)  # row 0's next-token logits after the prefill
+            torch.save(logits[0].float().cpu(), args.logits_out)  # row 0's next-token logits after the prefill
         tokens = [logits.argmax(-1)]
+        sync()
         start = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
             state, logits = fw.step(state, tokens[-1])
             tokens.append(logits.argmax(-1))
+            if i == 0:  # the first step alone: it includes nanopali's CUDA graph capture
+                sync()
+                first_step_s.append(time.perf_counter() - start)
+        sync()
         decode_s.append(time.perf_counter() - start)
         generated, t = timed(fw.generate, inputs, n)
         generate_s.append(t)
         if generated.shape[1] != n:
             raise RuntimeError(f"{args.worker} generate() returned {generated.shape[1]} tokens, expected {n}")
         busy.append(other_load(cpu_start, cpu_seconds(), time.perf_counter() - wall_start))
-        print(f"[{args.worker}] run {run}{' (warm-up)' if run == 0 else ''}: prefill {prefill_s[-1]:.2f} s, "
-              f"decode {n} steps {decode_s[-1]:.2f} s, generate {generate_s[-1]:.2f} s, "
+        print(f"[{args.worker}] run {run}{' (warm-up)' if run == 0 else ''}: prefill {prefill_s[-1]:.3f} s, "
+              f"decode {n} steps {decode_s[-1]:.3f} s (the first {first_step_s[-1]:.3f}), generate {generate_s[-1]:.3f} s, "
               f"other processes {100 * busy[-1]:.0f}% of the CPUs", file=sys.stderr, flush=True)
     timed_runs = slice(1, None)  # drop the warm-up
     return dict(
@@ -174,6 +208,12 @@ def worker(args) -> dict:
         decode_best_tok_s=args.batch * n / min(decode_s[timed_runs]),
         generate_s=statistics.median(generate_s[timed_runs]), other_load_pct=100 * max(busy[timed_runs]),
         rss_after_load_gib=rss_after_load, peak_rss_gib=peak_rss_gib(),
+        ms_per_step=1000 * statistics.median(decode_s[timed_runs]) / n,
+        first_step_ms=1000 * statistics.median(first_step_s[timed_runs]),
+        later_steps_tok_s=args.batch * (n - 1) / statistics.median(
+            [d - f for d, f in zip(decode_s[timed_runs], first_step_s[timed_runs])]) if n > 1 else float("nan"),
+        gpu_after_load_gib=gpu_after_load, peak_gpu_gib=peak_gpu_gib(),
+        cuda_graph=getattr(state, "graph", None) is not None,  # nanopali's last decode replayed a CUDA graph
         tokens=torch.stack(tokens, 1)[0].tolist(),
     )
 
@@ -201,10 +241,11 @@ def quick_checkpoint(dtype: str) -> Path:
 def run_worker(framework: str, args, logits_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--model", str(args.model), "--new-tokens", str(args.new_tokens),
            "--runs", str(args.runs), "--threads", str(args.threads), "--batch", str(args.batch), "--dtype", args.dtype,
-           "--logits-out", str(logits_dir / f"{framework}.pt")]
+           "--device", args.device, "--logits-out", str(logits_dir / f"{framework}.pt")]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress and warnings go to stderr
     if proc.returncode != 0:
-        raise SystemExit(f"the {framework} worker failed (exit {proc.returncode}); its errors are printed above")
+        print(f"the {framework} worker failed (exit {proc.returncode}); its errors are printed above", file=sys.stderr)
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -218,6 +259,33 @@ def measure_machine(threads: int) -> dict:
     best = lambda fn: (fn(), min(timed(fn)[1] for _ in range(5)))[1]
     bandwidth = max(2**30 / best(f32.sum), 2**30 / best(b16.sum), 2**30 / best(f32.amax)) / 1e9
     return dict(bandwidth_gbs=bandwidth, matmul_gflops=2 * 2048**3 / best(lambda: a @ b) / 1e9)
+
+
+@torch.no_grad()
+def measure_gpu() -> dict:
+    """HBM bandwidth (GB/s: bf16 sum over 4 GiB, bytes read; 4 GiB copy, bytes read + written) and bf16 GEMM
+    throughput (GFLOP/s, 8192³) of the current GPU, each the best of 5 repeats timed with CUDA events."""
+    x = torch.ones(2**31, dtype=torch.bfloat16, device="cuda")  # 4 GiB
+    y = torch.empty_like(x)
+    a, b = (torch.randn(8192, 8192, device="cuda").bfloat16() for _ in range(2))
+
+    def best(fn) -> float:  # seconds
+        fn()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        return min(times)
+
+    read, copy = 2**32 / best(x.sum) / 1e9, 2 * 2**32 / best(lambda: y.copy_(x)) / 1e9
+    import transformers
+    return dict(bandwidth_gbs=max(read, copy), sum_read_gbs=read, copy_gbs=copy,
+                matmul_gflops=2 * 8192**3 / best(lambda: a @ b) / 1e9, gpu=torch.cuda.get_device_name(),
+                versions=f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def model_costs(path: Path, dtype: str) -> dict:
@@ -250,8 +318,20 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
         ("peak RSS / weight bytes", "rss_per_weight", "{:.2f}"),
         ("other processes' CPU share, max (%)", "other_load_pct", "{:.0f}"),
     ]
+    if args.device == "cuda":
+        rows[5:5] = [
+            ("decode ms per step, median", "ms_per_step", "{:.2f}"),
+            ("first decode step (ms), median", "first_step_ms", "{:.1f}"),
+            ("decode tokens/s after step 1, median", "later_steps_tok_s", "{:.2f}"),
+        ]
+        rows[-1:-1] = [
+            ("peak GPU memory after load (GiB)", "gpu_after_load_gib", "{:.2f}"),
+            ("peak GPU memory (GiB)", "peak_gpu_gib", "{:.2f}"),
+            ("peak GPU memory / weight bytes", "gpu_per_weight", "{:.2f}"),
+        ]
     for r in results.values():
         r["rss_per_weight"] = r["peak_rss_gib"] / weight_gib
+        r["gpu_per_weight"] = r.get("peak_gpu_gib", 0.0) / weight_gib
     names = list(results)
     lines = [f"{'':34}" + "".join(f"{n:>16}" for n in names) + (f"{'ratio':>10}" if len(names) == 2 else "")]
     for label, key, fmt in rows:
@@ -261,13 +341,20 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
         lines.append(f"{label:34}" + "".join(f"{c:>16}" for c in cells) + ratio)
     lines.append(f"weights: {weight_gib:.2f} GiB on disk; threads: {results[names[0]]['threads']}; dtype: {args.dtype}")
     lines += [f"{n} attention: {results[n]['attention']}" for n in names]
+    if args.device == "cuda":
+        lines += [f"{n} decode step: {'CUDA graph replay' if results[n]['cuda_graph'] else 'eager'}"
+                  for n in names if n.startswith("nanopali")]
     return "\n".join(lines)
 
 
 def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Path, args) -> str:
     """Ratios against transformers, the bandwidth bound, prefill GFLOP/s and agreement with nanopali bf16."""
-    bw = machine["bandwidth_gbs"]
+    bw, gpu = machine["bandwidth_gbs"], args.device == "cuda"
     lines = [f"machine, measured now: memory read {bw:.1f} GB/s, bf16 matmul {machine['matmul_gflops']:.0f} GFLOP/s"]
+    if gpu:
+        lines = [f"GPU, measured now: {machine['gpu']} ({machine['versions']}): HBM {bw:.0f} GB/s (bf16 sum, read: "
+                 f"{machine['sum_read_gbs']:.0f}; copy, read + written: {machine['copy_gbs']:.0f}), bf16 matmul "
+                 f"{machine['matmul_gflops']:.0f} GFLOP/s"]
     for name, r in results.items():
         kind = name.rsplit("-", 1)[1] if name.endswith(("int8", "int4")) else "bf16"
         bound = args.batch * bw * 1e9 / costs["decode_bytes"][kind]
@@ -275,11 +362,17 @@ def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Pa
         line = (f"{name:15s} decode {r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_tok_s'] / bound:3.0f}% of the "
                 f"{kind} bound {bound:5.2f} ({costs['decode_bytes'][kind] / 1e9:.2f} GB/token); prefill "
                 f"{gflops:4.0f} GFLOP/s = {100 * gflops / machine['matmul_gflops']:3.0f}% of the matmul peak")
+        if gpu:
+            line += (f"; {r['ms_per_step']:.2f} ms/step; after step 1 {r['later_steps_tok_s']:.2f} tok/s = "
+                     f"{100 * r['later_steps_tok_s'] / bound:3.0f}% of the bound")
         if "transformers" in results and name != "transformers":
             tf = results["transformers"]
             line += (f"; vs transformers: decode {r['decode_tok_s'] / tf['decode_tok_s']:.2f}x, "
                      f"prefill latency {r['prefill_ms'] / tf['prefill_ms']:.2f}x, "
                      f"peak RSS {r['peak_rss_gib'] / tf['peak_rss_gib']:.2f}x")
+            if gpu:
+                line += (f", after step 1 {r['later_steps_tok_s'] / tf['later_steps_tok_s']:.2f}x, "
+                         f"peak GPU memory {r['peak_gpu_gib'] / tf['peak_gpu_gib']:.2f}x")
         lines.append(line)
     ref_name = "nanopali" if "nanopali" in results else next(iter(results))
     ref_logits = torch.load(logits_dir / f"{ref_name}.pt")
@@ -303,7 +396,9 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, help="decode steps to time (and generate() length); default 16")
     p.add_argument("--runs", type=int, help="timed runs, after one warm-up run; default 3")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
+    p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: "
+                   f"{','.join(DEFAULT_FRAMEWORKS['cpu'])}; on cuda {','.join(DEFAULT_FRAMEWORKS['cuda'])})")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both frameworks run")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", type=Path, help="also write the results to this file")
@@ -318,6 +413,9 @@ def main(argv=None) -> None:
         p.error("--model DIR or --quick is required")
     if args.new_tokens < 1 or args.runs < 1 or args.batch < 1 or args.threads < 1:
         p.error("--new-tokens, --runs, --batch and --threads must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
+    args.frameworks = args.frameworks or ",".join(DEFAULT_FRAMEWORKS[args.device])
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -333,13 +431,21 @@ def main(argv=None) -> None:
     costs = model_costs(Path(args.model), args.dtype)
     with tempfile.TemporaryDirectory() as logits_dir:
         results = {f: run_worker(f, args, Path(logits_dir)) for f in frameworks}
+        failed = [f for f, r in results.items() if r is None]
+        results = {f: r for f, r in results.items() if r is not None}
+        if not results:
+            raise SystemExit(f"every worker failed: {', '.join(failed)}")
         # after the workers: Linux carries a parent's peak RSS into its children's ru_maxrss
-        machine = measure_machine(args.threads)
+        machine = measure_gpu() if args.device == "cuda" else measure_machine(args.threads)
         print(report(results, weight_gib, args))
         print(summary(results, machine, costs, Path(logits_dir), args))
+    if failed:
+        print(f"failed (left out of the table): {', '.join(failed)}")
     if args.json:
         args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, weight_gib=weight_gib,
                                              machine=machine, costs=costs, results=results), indent=2))
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

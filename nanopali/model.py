@@ -54,6 +54,7 @@ class PaliGemma(nn.Module):
         # the size of the checkpoint's tokenizer; None means every row is a real token.
         self.vocab_limit: int | None = None
         self.quantized: str | None = None  # "int8" or "int4" after quantize.quantize (inference only; cannot be saved)
+        self.cuda_graphs = True  # on CUDA, replay each decode step as a CUDA graph (decode.py)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "PaliGemma":
@@ -141,6 +142,7 @@ class PaliGemma(nn.Module):
         progress: bool = False,
         quantize: str | None = None,
         fast: bool = True,
+        cuda_graphs: bool = True,
     ) -> "PaliGemma":
         """Load a Hugging Face layout checkpoint directory (config.json + safetensors).
 
@@ -150,6 +152,7 @@ class PaliGemma(nn.Module):
         `progress=True` shows a progress bar while the tensors are read.
         `quantize="int8"` or `"int4"` quantizes the decoder weights after loading (quantize.py; inference only).
         `fast=False` turns off the compiled decode-step kernel (fast.py), e.g. to compare against it.
+        `cuda_graphs=False` runs the decode step eagerly on CUDA instead of replaying a CUDA graph (decode.py).
         """
         path = Path(path)
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
@@ -163,6 +166,7 @@ class PaliGemma(nn.Module):
         if quantize is not None:
             from .quantize import quantize as quantize_model
             quantize_model(model, quantize)
+        model.cuda_graphs = cuda_graphs
         return fast_kernel.enable(model, fast).eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
