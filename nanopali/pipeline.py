@@ -62,10 +62,12 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, dev
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
-    quantize="int8"/"int4" and fast=False are PaliGemma.from_pretrained's (quantize.py, fast.py).
+    quantize="int8"/"int4" are PaliGemma.from_pretrained's (quantize.py); fast=False is its fast=False and
+    cuda_graphs=False: the plain decode step everywhere (no compiled CPU kernel, no CUDA graph), for debugging.
     """
     path = default_model_dir() if path is None else Path(path)
-    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast)
+    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast,
+                                      cuda_graphs=fast)
     processor = Processor.from_pretrained(path)
     vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
     return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path)

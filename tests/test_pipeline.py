@@ -124,3 +124,12 @@ def test_a_model_on_the_gpu_answers_as_on_the_cpu(pali, image, monkeypatch):
     assert on_gpu.caption([image, image[::-1]]) == pali.caption([image, image[::-1]])
     assert list(on_gpu.stream(image, "caption en", max_new_tokens=8)) == list(pali.stream(image, "caption en", max_new_tokens=8))
     assert on_gpu.segment(image, "cat").text == pali.segment(image, "cat").text
+
+
+def test_fast_false_is_the_plain_decode_step_on_every_device(pali):
+    """load(fast=False), the CLI's --no-fast: no compiled CPU kernel and no CUDA graph."""
+    from nanopali.gemma import Linear
+    plain = nanopali.load(pali.model_dir, fast=False).model
+    assert pali.model.cuda_graphs and not plain.cuda_graphs
+    assert all(m.fast for m in pali.model.modules() if isinstance(m, Linear))
+    assert not any(m.fast for m in plain.modules() if isinstance(m, Linear))
