@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def stage_data(work: Path, split: str = "train") -> Path:
         start = time.perf_counter()
         n, vae = N_SCENES[split], str(stage_vae(work))
         chunks = [(SEEDS[split], a, min(a + 1000, n), vae) for a in range(0, n, 1000)]
-        with Pool(2) as pool:
+        with Pool(os.cpu_count() or 2) as pool:  # the chunks are seeded by their scene numbers: any pool size
             parts = list(tqdm(pool.imap(_scene_chunk, chunks), total=len(chunks), desc=f"data {split}"))
         rows = [r for _, _, chunk in parts for r in chunk]
         np.savez(out, images=np.concatenate([p[0] for p in parts]), labels=np.concatenate([p[1] for p in parts]),
@@ -214,7 +215,14 @@ READ = {"patch_loss": 0.5, "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4},
         {**TRAIN, **READ, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5},
-        {**TRAIN, **READ, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6}]
+        {**TRAIN, **READ, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6},
+        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 8000, "lr": 2e-4, "warmup_steps": 100,
+         "seed": 7, "note": "trained on an H100 (the device tool), from cycle 5's weights as shipped (rounded to bf16: "
+                            "the fp32 checkpoint was over the transfer limit) and its auxiliary heads"},
+        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 5000, "lr": 1.2e-4, "warmup_steps": 100,
+         "seed": 8, "note": "on an H100 as cycle 6, from cycle 6's weights as shipped"},
+        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 2500, "lr": 8e-5, "warmup_steps": 100,
+         "seed": 9, "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
 
@@ -238,13 +246,20 @@ def patch_loss(cycle: dict, source: Path):
     return auxiliary
 
 
-def stage_more(work: Path) -> Path:
-    source = _finished(work / "run", TRAIN["steps"]) or stage_train(work)
-    for run, cycle in zip(RUNS[1:], MORE):
-        if (done := _finished(work / run, cycle["steps"])) is not None:
-            source = done
+def stage_more(work: Path, start: Path | None = None) -> Path:
+    """The MORE cycles, each resumed or skipped when done. `start`, a checkpoint in a directory named like
+    RUNS (e.g. copied from another machine), stands for its cycle: only the cycles after it are run."""
+    if start is None:
+        source, done = _finished(work / "run", TRAIN["steps"]) or stage_train(work), 1
+    elif start.parent.name in RUNS and (start / "config.json").is_file():
+        source, done = start, RUNS.index(start.parent.name) + 1
+    else:
+        raise SystemExit(f"--start {start}: not a checkpoint directory inside a run directory named one of {RUNS}")
+    for run, cycle in zip(RUNS[done:], MORE[done - 1:]):
+        if (finished := _finished(work / run, cycle["steps"])) is not None:
+            source = finished
             continue
-        options = {k: v for k, v in cycle.items() if k not in ("patch_loss", "repeat")}
+        options = {k: v for k, v in cycle.items() if k not in ("patch_loss", "repeat", "note")}
         config = TrainConfig(model=str(source), out=str(work / run), resume=True, **options)
         auxiliary = patch_loss(cycle, source)
         data = WorldExamples(stage_data(work), cycle.get("repeat", MORE_REPEAT), patch_labels=auxiliary is not None)
@@ -324,9 +339,11 @@ def _cycle_line(k: int, cycle: dict) -> str:
     shown = ", ".join(f"{task} {n}x" for task, n in repeat.items() if n != REPEAT.get(task, 1))
     aux = (f", plus the vision warm-up's per-patch labels as an auxiliary loss of weight {cycle['patch_loss']} "
            f"(nanopali/train/patch_warmup.PatchLoss)" if cycle.get("patch_loss") else "")
-    changed = {key: v for key, v in cycle.items() if key not in ("repeat", "patch_loss") and v != TRAIN.get(key)}
+    changed = {key: v for key, v in cycle.items() if key not in ("repeat", "patch_loss", "note") and v != TRAIN.get(key)}
+    note = f"; {cycle['note']}" if cycle.get("note") else ""
     return (f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
-            f"optimizer and data order, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` (the rest as above).\n")
+            f"optimizer and data order, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` (the rest as above)"
+            f"{note}.\n")
 
 
 def model_card(work: Path, source: Path, metrics: dict) -> str:
@@ -359,13 +376,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("runs/default"))
     p.add_argument("--stage", choices=list(STAGES), action="append", help="run only these stages (default: all)")
+    p.add_argument("--start", type=Path, help="more: continue after this checkpoint (in a run directory named like "
+                                              "WORK's, e.g. run5/checkpoint-002500) instead of WORK's own cycles")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     times_file = args.work / "times.json"
     for name in args.stage or [s for s in STAGES if s != "card"]:  # ship writes the card
         start = time.perf_counter()
-        STAGES[name](args.work)
+        STAGES[name](args.work, *([args.start] if name == "more" and args.start else []))
         times = json.loads(times_file.read_text()) if times_file.is_file() else {}
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
         times_file.write_text(json.dumps(times))

@@ -307,3 +307,37 @@ def test_recipe_reading_cycles_carry_the_previous_cycles_heads(tmp_path):
     carried = recipe.patch_loss(second, after).state_dict()
     for k, v in trained.items():
         assert torch.equal(carried[k], v), k
+
+
+def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
+    """make_default_model --stage more --start DIR: only the cycles after DIR's (named by its run directory)
+    are trained, the first from DIR, each next one from the last one's result; a DIR outside a run directory
+    named like the recipe's is refused."""
+    from nanopali.train import checkpoint
+    recipe = _script("make_default_model")
+    trained = []
+
+    def fake_fit(config, train_data, auxiliary=None):
+        trained.append((Path(config.out).name, Path(config.model), config.steps, auxiliary is not None))
+        done = Path(config.out) / f"{checkpoint.PREFIX}{config.steps:06d}"
+        done.mkdir(parents=True)
+        torch.save({"step": config.steps}, done / checkpoint.STATE_FILE)
+        return done
+
+    monkeypatch.setattr(recipe, "fit", fake_fit)
+    monkeypatch.setattr(recipe, "stage_data", lambda work: work / "d.npz")
+    monkeypatch.setattr(recipe, "WorldExamples", lambda *args, **kwargs: [])
+    start = tmp_path / recipe.RUNS[-3] / "checkpoint-000010"
+    start.mkdir(parents=True)
+    (start / "config.json").write_text("{}")
+    torch.save({"step": 10}, start / checkpoint.STATE_FILE)
+    last = recipe.stage_more(tmp_path, start)
+    assert trained == [(recipe.RUNS[-2], start, recipe.MORE[-2]["steps"], True),
+                       (recipe.RUNS[-1], tmp_path / recipe.RUNS[-2] / f"checkpoint-{recipe.MORE[-2]['steps']:06d}",
+                        recipe.MORE[-1]["steps"], True)]
+    assert last.parent.name == recipe.RUNS[-1]
+    elsewhere = tmp_path / "copied" / "checkpoint-000010"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="run directory"):
+        recipe.stage_more(tmp_path, elsewhere)
