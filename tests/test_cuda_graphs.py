@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from nanopali import PaliGemma, PaliGemmaConfig, TextConfig, VisionConfig, decode
+from nanopali import PaliGemma, decode
 from nanopali.decode import prefill
+from tiny_checkpoint import tiny_config
 
 IMAGE_TOKEN, BOS = 299, 2
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -17,15 +18,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def tiny_model(generation: int, dtype=torch.float32, device="cpu") -> PaliGemma:
     """A random PaliGemma 1 or 2 (GQA, soft-caps and a window of 6, shorter than prompt + new tokens)."""
-    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=24, rope_theta=500.0)
-    if generation == 2:
-        text.update(model_type="gemma2", post_norms=True, query_pre_attn_scalar=17, sliding_window=6,
-                    attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
-    config = PaliGemmaConfig(
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                   image_size=28, patch_size=7),
-        text_config=TextConfig(**text), image_token_index=IMAGE_TOKEN)
+    gemma2 = dict(query_pre_attn_scalar=17, sliding_window=6, attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
+    config = tiny_config(300, IMAGE_TOKEN, generation, vision=dict(num_hidden_layers=2, num_attention_heads=4),
+                         num_hidden_layers=3, head_dim=24, rope_theta=500.0, **(gemma2 if generation == 2 else {}))
     torch.manual_seed(generation)
     model = PaliGemma(config).init_weights(std=0.2)
     with torch.no_grad():  # small embeddings: the layers, not the last input token, decide (varied greedy output)
