@@ -12,7 +12,8 @@ Stages (each writes under --work and is skipped when its output exists, so a kil
                 background patches weighed down
     train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable
     more        further, lower cosine cycles of the trainer, each from the last one's weights (WORK/run2, ...);
-                the last two with the per-patch labels as an auxiliary loss (train/patch_warmup.PatchLoss)
+                the last five with the per-patch labels as an auxiliary loss (train/patch_warmup.PatchLoss);
+                `--start DIR` continues after a checkpoint copied from another machine
     ship        the newest checkpoint in bf16 + tokenizer + VQ-VAE into nanopali/default_model/, scored on
                 1000 held-out scenes (nanopali/world_eval.py, seed 3; every answer in WORK/eval-records.json),
                 examples/world-*.png (seed 5), the card
@@ -206,10 +207,11 @@ def stage_train(work: Path) -> Path:
 
 # Further cosine cycles, each from the previous cycle's last weights with a fresh optimizer and data order, at a
 # lower peak lr, detection and segmentation (still improving when the first cycle's lr had decayed) shown 3x.
-# The last two cycles are about reading: decoder training had worn away the tower's word features (a linear probe,
-# scripts/probe_word_features.py: 73 % after the warm-up, 30 % after cycle 3), so they keep the warm-up's per-patch
-# labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its heads at 10x the lr, fresh
-# in the first such cycle, then carried over) and shows OCR 6x.
+# From cycle 4 on they are also about reading: decoder training had worn away the tower's word features (a linear
+# probe, scripts/probe_word_features.py: 73 % after the warm-up, 30 % after cycle 3), so they keep the warm-up's
+# per-patch labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its heads at 10x the
+# lr, fresh in the first such cycle, then carried over) and show OCR 6x; from cycle 6 on captions 4x. "note" says
+# where a cycle ran when not here (the model card prints it).
 MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
 READ = {"patch_loss": 0.5, "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
