@@ -213,17 +213,22 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
                 f.write(json.dumps(record) + "\n")
 
     bar = tqdm(total=config.steps, initial=step, disable=not d.main, desc="train", dynamic_ncols=True)
+    # No host-device sync between log steps (losses and norms stay tensors until then, counts come from the CPU
+    # batch, pinned copies): on a GPU the next batch is prepared while the last step's kernels still run.
+    since = {"time": time.perf_counter(), "steps": 0, "tokens": 0}
     with _StopSignal() as stop:
         while step < config.steps and not stop.requested:
-            start = time.perf_counter()
-            micro, micro_examples = [], []
+            micro, micro_examples, counts = [], [], []
             for _ in range(config.grad_accum):
                 examples = [next(stream) for _ in range(config.batch_size * d.world)]
                 mine = examples[d.rank * config.batch_size:(d.rank + 1) * config.batch_size]
-                micro.append({k: v.to(d.device) for k, v in collate(processor, mine, config.max_length).items()})
+                batch = collate(processor, mine, config.max_length)
+                counts.append(count(batch["labels"], config.loss_reduction))
+                since["tokens"] += int(batch["attention_mask"].sum())
+                micro.append(_to_device(batch, d.device))
                 micro_examples.append(mine)
             # divide by the count over the global batch, times world size (DDP/FSDP average the ranks)
-            total = d.sum(sum(count(b["labels"], config.loss_reduction) for b in micro))
+            total = d.sum(sum(counts))
             step_loss = aux_loss = 0.0
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
@@ -234,12 +239,12 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
                     if auxiliary is not None:  # on the features this forward just made: (B, P, D)
                         aux = auxiliary(captured.pop(), micro_examples[i]) / len(micro)
                         captured.clear()  # what evaluation's forwards added
-                        aux_loss += aux.item()
+                        aux_loss = aux_loss + aux.detach()
                         loss = lm_loss + aux
                 loss.backward()
-                step_loss += lm_loss.item() / d.world
+                step_loss = step_loss + lm_loss.detach() / d.world
             trained = [p for p in wrapped.parameters() if p.requires_grad] + list(auxiliary.parameters() if auxiliary else [])
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm).item() if config.max_grad_norm else None
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm) if config.max_grad_norm else None
             lr = sched.get_last_lr()[0]
             for o, s in ((opt, sched), (aux_opt, aux_sched)):
                 if o is not None:
@@ -247,15 +252,16 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
                     s.step()
                     o.zero_grad(set_to_none=True)
             step += 1
-            step_loss = d.sum(step_loss)
-            seconds = time.perf_counter() - start
-            tokens = d.sum(sum(int(b["attention_mask"].sum()) for b in micro))
-            if step % config.log_every == 0 or step == config.steps:
-                log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                     "examples_per_s": per_step / seconds, "tokens_per_s": tokens / seconds,
-                     **({"aux_loss": aux_loss} if auxiliary is not None else {})})
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{per_step / seconds:.1f}")
+            since["steps"] += 1
             bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                step_loss = d.sum(float(step_loss))
+                seconds, tokens = time.perf_counter() - since["time"], d.sum(since["tokens"])
+                log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                     "examples_per_s": per_step * since["steps"] / seconds, "tokens_per_s": tokens / seconds,
+                     **({"aux_loss": float(aux_loss)} if auxiliary is not None else {})})
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{per_step * since['steps'] / seconds:.1f}")
+                since = {"time": time.perf_counter(), "steps": 0, "tokens": 0}
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save(step)
             if held_out and config.eval_every and step % config.eval_every == 0 and step < config.steps:
@@ -268,6 +274,13 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
         _plot(metrics, out / "loss.png")
     distributed.teardown()
     return final
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A CPU batch on `device`; to a GPU through pinned memory, so the copy does not wait for the GPU."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _auxiliary(auxiliary, model, config: TrainConfig, device, state):
