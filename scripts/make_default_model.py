@@ -214,17 +214,19 @@ def stage_train(work: Path) -> Path:
 # where a cycle ran when not here (the model card prints it).
 MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
 READ = {"patch_loss": 0.5, "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}
+READ_CAPTIONS = {**READ, "repeat": {**READ["repeat"], "caption": 4}, "warmup_steps": 100}
+RECIPE_ONLY = ("patch_loss", "repeat", "note")  # cycle keys that are not TrainConfig options
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4},
         {**TRAIN, **READ, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5},
         {**TRAIN, **READ, "steps": 2500, "lr": 1.5e-4, "warmup_steps": 100, "seed": 6},
-        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 8000, "lr": 2e-4, "warmup_steps": 100,
-         "seed": 7, "note": "trained on an H100 (the device tool), from cycle 5's weights as shipped (rounded to bf16: "
-                            "the fp32 checkpoint was over the transfer limit) and its auxiliary heads"},
-        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 5000, "lr": 1.2e-4, "warmup_steps": 100,
-         "seed": 8, "note": "on an H100 as cycle 6, from cycle 6's weights as shipped"},
-        {**TRAIN, **READ, "repeat": {**READ["repeat"], "caption": 4}, "steps": 2500, "lr": 8e-5, "warmup_steps": 100,
-         "seed": 9, "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"}]
+        {**TRAIN, **READ_CAPTIONS, "steps": 8000, "lr": 2e-4, "seed": 7,
+         "note": "trained on an H100 (the device tool), from cycle 5's weights as shipped (rounded to bf16: "
+                 "the fp32 checkpoint was over the transfer limit) and its auxiliary heads"},
+        {**TRAIN, **READ_CAPTIONS, "steps": 5000, "lr": 1.2e-4, "seed": 8,
+         "note": "on an H100 as cycle 6, from cycle 6's weights as shipped"},
+        {**TRAIN, **READ_CAPTIONS, "steps": 2500, "lr": 8e-5, "seed": 9,
+         "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
 
@@ -261,7 +263,7 @@ def stage_more(work: Path, start: Path | None = None) -> Path:
         if (finished := _finished(work / run, cycle["steps"])) is not None:
             source = finished
             continue
-        options = {k: v for k, v in cycle.items() if k not in ("patch_loss", "repeat", "note")}
+        options = {k: v for k, v in cycle.items() if k not in RECIPE_ONLY}
         config = TrainConfig(model=str(source), out=str(work / run), resume=True, **options)
         auxiliary = patch_loss(cycle, source)
         data = WorldExamples(stage_data(work), cycle.get("repeat", MORE_REPEAT), patch_labels=auxiliary is not None)
@@ -341,7 +343,7 @@ def _cycle_line(k: int, cycle: dict) -> str:
     shown = ", ".join(f"{task} {n}x" for task, n in repeat.items() if n != REPEAT.get(task, 1))
     aux = (f", plus the vision warm-up's per-patch labels as an auxiliary loss of weight {cycle['patch_loss']} "
            f"(nanopali/train/patch_warmup.PatchLoss)" if cycle.get("patch_loss") else "")
-    changed = {key: v for key, v in cycle.items() if key not in ("repeat", "patch_loss", "note") and v != TRAIN.get(key)}
+    changed = {key: v for key, v in cycle.items() if key not in RECIPE_ONLY and v != TRAIN.get(key)}
     note = f"; {cycle['note']}" if cycle.get("note") else ""
     return (f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
             f"optimizer and data order, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` (the rest as above)"
@@ -381,12 +383,14 @@ def main(argv=None) -> None:
     p.add_argument("--start", type=Path, help="more: continue after this checkpoint (in a run directory named like "
                                               "WORK's, e.g. run5/checkpoint-002500) instead of WORK's own cycles")
     args = p.parse_args(argv)
+    if args.start and args.stage != ["more"]:
+        p.error("--start continues the more stage alone: add --stage more (and no other stage)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     times_file = args.work / "times.json"
     for name in args.stage or [s for s in STAGES if s != "card"]:  # ship writes the card
         start = time.perf_counter()
-        STAGES[name](args.work, *([args.start] if name == "more" and args.start else []))
+        STAGES[name](args.work, **({"start": args.start} if name == "more" else {}))
         times = json.loads(times_file.read_text()) if times_file.is_file() else {}
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
         times_file.write_text(json.dumps(times))

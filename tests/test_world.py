@@ -341,3 +341,6 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     (elsewhere / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="run directory"):
         recipe.stage_more(tmp_path, elsewhere)
+    with pytest.raises(SystemExit):  # --start without --stage more alone would also train from scratch
+        recipe.main(["--work", str(tmp_path), "--start", str(start)])
+    assert trained[2:] == []
