@@ -5,8 +5,11 @@
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
     python benchmarks/bench_generate.py --model /tmp/pg3b --device cuda --new-tokens 64 --runs 3   # on a GPU
 
-Frameworks (--frameworks): nanopali (its default, the compiled decode kernel of fast.py),
-nanopali-plain (fast=False: F.linear everywhere), nanopali-int8 (quantize="int8"), nanopali-int4
+Frameworks (--frameworks): nanopali (its default: the one-row decode products take fast.py's compiled
+loop or torch's kernels, whichever gave the faster decode steps in its first steps on this machine, and
+large elementwise ops are fused), nanopali-loop (the compiled loop forced, the default before the choice
+was measured), nanopali-plain (fast=False: plain PyTorch, F.linear everywhere), nanopali-int8
+(quantize="int8"), nanopali-int4
 (quantize="int4": group-wise int4 decoder layers, int8 head), transformers. With --device cuda the
 default is nanopali (each decode step replayed as a CUDA graph, decode.py), nanopali-eager
 (cuda_graphs=False: the same step run eagerly) and transformers.
@@ -57,7 +60,8 @@ import torch
 PROMPT_TOKENS = 10  # random text ids between <bos> and "\n"
 NEWLINE = 108       # "\n" in the Gemma tokenizer
 QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
-FRAMEWORKS = ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager", "transformers")
+FRAMEWORKS = ("nanopali", "nanopali-loop", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager",
+              "transformers")
 DEFAULT_FRAMEWORKS = {"cpu": ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers"),
                       "cuda": ("nanopali", "nanopali-eager", "transformers")}
 
@@ -97,8 +101,10 @@ def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0, device: s
 
 class NanoPali:
     def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", fast: bool = True, quantize: str | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, one_row: str | None = None):
         from nanopali import PaliGemma
+        from nanopali import fast as fast_kernels
+        fast_kernels.choose(one_row)  # None: measure which one-row path is faster (the default)
         self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, fast=fast, quantize=quantize,
                                                cuda_graphs=cuda_graphs)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
@@ -168,6 +174,7 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype, device=args.device)
     make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d, dev: NanoPali(p, d, dev, fast=False),
+            "nanopali-loop": lambda p, d, dev: NanoPali(p, d, dev, one_row="loop"),
             "nanopali-int8": lambda p, d, dev: NanoPali(p, d, dev, quantize="int8"),
             "nanopali-int4": lambda p, d, dev: NanoPali(p, d, dev, quantize="int4"),
             "nanopali-eager": lambda p, d, dev: NanoPali(p, d, dev, cuda_graphs=False),
@@ -215,7 +222,18 @@ def worker(args) -> dict:
         gpu_after_load_gib=gpu_after_load, peak_gpu_gib=peak_gpu_gib(),
         cuda_graph=getattr(state, "graph", None) is not None,  # nanopali's last decode replayed a CUDA graph
         tokens=torch.stack(tokens, 1)[0].tolist(),
+        one_row=one_row_path(fw.model) if args.worker.startswith("nanopali") and args.device == "cpu" else None,
     )
+
+
+def one_row_path(model) -> str:
+    """fast.py's one-row path for this model's decode steps: forced, or measured (with the trial steps' medians)."""
+    from nanopali import fast
+    if fast._forced:
+        return f"{fast._forced} (forced)"
+    chooser = model.step_chooser
+    trials = ", ".join(f"{p} {1000 * statistics.median(t[1:]):.0f} ms" for p, t in chooser.times.items() if len(t) > 1)
+    return f"{chooser.choice or 'undecided'} (measured; trial steps, median: {trials})"
 
 
 # ---------------------------------------------------------------- driver: run the workers, print the table
@@ -341,6 +359,8 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
         lines.append(f"{label:34}" + "".join(f"{c:>16}" for c in cells) + ratio)
     lines.append(f"weights: {weight_gib:.2f} GiB on disk; threads: {results[names[0]]['threads']}; dtype: {args.dtype}")
     lines += [f"{n} attention: {results[n]['attention']}" for n in names]
+    lines += [f"{n} one-row decode products: {results[n]['one_row']}" for n in names
+              if results[n].get("one_row") and n != "nanopali-plain"]
     if args.device == "cuda":
         lines += [f"{n} decode step: {'CUDA graph replay' if results[n]['cuda_graph'] else 'eager'}"
                   for n in names if n.startswith("nanopali")]

@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
     common.add_argument("--quantize", choices=list(MODES), help="quantize the decoder weights after loading (faster decoding; int4 is coarser)")
     common.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                        help="compiled decode-step kernel (CPU), CUDA-graph decode step (GPU); --no-fast: neither, "
-                             "the plain step (for debugging)")
+                        help="fast.py's CPU kernels (measured one-row products, fused gelu/RMSNorm), CUDA-graph "
+                             "decode step (GPU); --no-fast: none of them, plain PyTorch (for debugging)")
 
     def task(name, help, *positional):
         s = sub.add_parser(name, parents=[common], help=help)

@@ -15,7 +15,9 @@ eagerly per token, can exceed the time a GPU takes to read the weights. The stat
 step of one DecodeState the same shapes and the same cache tensors, so the first step captures
 `decode_step` into a torch.cuda.CUDAGraph and every step replays it after copying its inputs (tokens,
 positions, cache slot, masks; the masks are built outside the graph) into the graph's static buffers.
-Beam search replaces the cache tensors when it reorders rows, so it stays eager. Nothing changes on CPU.
+Beam search replaces the cache tensors when it reorders rows, so it stays eager.
+On CPU the model's fast.StepChooser times the first steps under each of fast.py's one-row product paths
+and keeps the faster (which one wins depends on the processor).
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ class DecodeState:
         if graphed and self.graph is None:
             self.graph = capture(model, self.cache, *inputs)
             self.cuda_graph = self.graph is not None
-        logits = self.graph(*inputs) if graphed and self.graph is not None else decode_step(model, self.cache, *inputs)
+        if graphed and self.graph is not None:
+            logits = self.graph(*inputs)
+        elif self.kv_valid.device.type == "cpu" and hasattr(model, "step_chooser"):  # fast.py's one-row path, timed
+            logits = model.step_chooser.run(lambda: decode_step(model, self.cache, *inputs))
+        else:
+            logits = decode_step(model, self.cache, *inputs)
         self.positions = self.positions + 1
         self.slot += 1
         return logits

@@ -55,6 +55,7 @@ class PaliGemma(nn.Module):
         self.vocab_limit: int | None = None
         self.quantized: str | None = None  # "int8" or "int4" after quantize.quantize (inference only; cannot be saved)
         self.cuda_graphs = True  # on CUDA, replay each decode step as a CUDA graph (decode.py)
+        self.step_chooser = fast_kernel.StepChooser()  # on CPU, times decode steps to pick fast.py's one-row path
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "PaliGemma":
@@ -151,7 +152,8 @@ class PaliGemma(nn.Module):
         `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
         `progress=True` shows a progress bar while the tensors are read.
         `quantize="int8"` or `"int4"` quantizes the decoder weights after loading (quantize.py; inference only).
-        `fast=False` turns off the compiled decode-step kernel (fast.py), e.g. to compare against it.
+        `fast=False` turns off fast.py's CPU inference kernels (the measured one-row products, the compiled
+        RMSNorm and gelu), e.g. to compare against them.
         `cuda_graphs=False` runs the decode step eagerly on CUDA instead of replaying a CUDA graph (decode.py).
         """
         path = Path(path)

@@ -6,10 +6,10 @@
 Every decoder linear layer (q/k/v/o, gate/up/down) and the token embedding, which is also the tied
 output head, are replaced by int8 weights with one fp32 scale per output channel (per vocabulary row
 for the embedding): scale = max|w| / 127 over the row, w8 = round(w / scale), so w ≈ w8 · scale.
-Activations stay in the model dtype. A decode step reads 1 byte per weight instead of 2: through
-fast.py's compiled loop, which applies the scales to the outputs (batch 1), or torch's
-`_weight_int8pack_mm` (the long-row down projection, batches up to fast.MAX_ROWS); prefill (more
-rows) dequantizes one matrix at a time and runs F.linear. The SigLIP tower and the projector stay as they
+Activations stay in the model dtype. A decode step reads 1 byte per weight instead of 2: for batch 1
+through fast.py's compiled loop, which applies the scales to the outputs, or torch's `_weight_int8pack_mm`,
+whichever fast.py measured faster for the matrix's shape on this machine; batches up to fast.MAX_ROWS
+through `_weight_int8pack_mm`; prefill (more rows) dequantizes one matrix at a time and runs F.linear. The SigLIP tower and the projector stay as they
 are: they run once per image, in the compute-bound prefill.
 
 int4 quantizes the same linear layers group-wise, as gpt-fast does: each run of G (128) weights along
@@ -173,4 +173,5 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.
         for p in model.parameters():
             p.data = p.data.clone()
     model.quantized = mode
+    model.step_chooser = fast.StepChooser()  # other weight dtypes: which one-row path is faster is measured anew
     return model

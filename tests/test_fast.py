@@ -1,5 +1,7 @@
 """The compiled decode-step kernel (fast.py): equal to F.linear, used where it should be, invisible elsewhere."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,12 +11,22 @@ from nanopali import PaliGemma, fast
 from nanopali.decode import prefill
 
 
+@pytest.fixture(autouse=True)
+def measure_afresh():
+    """Each test starts with no measured or forced one-row path and leaves none behind."""
+    fast.choose(None)
+    yield
+    fast.choose(None)
+
+
+@pytest.mark.parametrize("path", ["loop", "library"])
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_equals_f_linear(shape, dtype):
+def test_one_row_paths_equal_f_linear(shape, dtype, path):
     g = torch.Generator().manual_seed(len(shape))
     w = torch.randn(257, 96, generator=g).to(dtype)
     x = torch.randn(shape, generator=g).to(dtype)
+    fast.choose(path)
     with torch.no_grad():
         assert fast.uses_kernel(x, w)
         got = fast.linear(x, w)
@@ -24,11 +36,13 @@ def test_kernel_equals_f_linear(shape, dtype):
     torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3)
 
 
-def test_int8_paths_equal_the_dequantized_product():
+@pytest.mark.parametrize("path", ["loop", "library", None])  # None: measured
+def test_int8_paths_equal_the_dequantized_product(path):
     g = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (40, 8192), generator=g, dtype=torch.int8)  # K > MAX_K: int8pack for one row
+    w = torch.randint(-127, 128, (40, 8192), generator=g, dtype=torch.int8)
     scale = torch.rand(40, generator=g) / 100
-    for rows in (1, 3, 16, 17):                               # loop/int8pack, int8pack, int8pack, dequantize
+    fast.choose(path)
+    for rows in (1, 1, 1, 1, 3, 16, 17):                      # one row (path), int8pack, int8pack, dequantize
         for K in (96, 8192):
             x = torch.randn(rows, K, generator=g).bfloat16()
             with torch.no_grad():
@@ -73,7 +87,48 @@ def test_kernel_does_not_apply_to_training_prefill_or_fp32():
         assert fast.uses_kernel(torch.randn(1, 32).bfloat16(), w)
         assert not fast.uses_kernel(torch.randn(2, 32).bfloat16(), w)     # two rows: F.linear is faster
         assert not fast.uses_kernel(torch.randn(1, 32), w.float())        # fp32 weights: F.linear
-        assert not fast.uses_kernel(torch.randn(1, 8192).bfloat16(), torch.randn(4, 8192).bfloat16())  # rows too long
+
+
+def test_step_chooser_keeps_the_faster_path():
+    """A StepChooser runs its first steps alternately under each one-row path (TRIALS timed steps each after
+    an untimed first), keeps the one whose steps were faster, then runs every step under it."""
+    w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
+    for slow_path in ("loop", "library"):
+        seen = []
+
+        def step():
+            seen.append(fast._path)
+            time.sleep(0.02 if fast._path == slow_path else 0)
+            with torch.no_grad():
+                return fast.linear(x, w)                    # either path gives F.linear's product
+        chooser = fast.StepChooser()
+        for _ in range(2 * (fast.TRIALS + 1)):
+            torch.testing.assert_close(chooser.run(step), F.linear(x, w), rtol=2 ** -7, atol=1e-3)
+        assert seen == ["loop", "library"] * (fast.TRIALS + 1)
+        faster = "library" if slow_path == "loop" else "loop"
+        assert chooser.choice == faster
+        seen.clear()
+        chooser.run(step), chooser.run(step)
+        assert seen == [faster, faster] and fast._path == "library"  # the default again outside run()
+
+
+def test_a_loop_that_cannot_compile_falls_back_to_the_library(monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(fast, "_broken", False)  # restored afterwards: later tests compile as before
+    monkeypatch.setattr(fast, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
+    chooser = fast.StepChooser()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiling the decode kernel failed"):
+        got = chooser.run(lambda: fast.linear(x, w))     # the loop's trial step
+    assert fast._broken and torch.equal(got, F.linear(x, w))
+    assert chooser.choice == "library"
+    with torch.no_grad(), fast.using("loop"):
+        assert torch.equal(fast.linear(x, w), F.linear(x, w))
 
 
 @pytest.fixture(scope="module", params=[1, 2])
@@ -93,18 +148,23 @@ def decode_logits(model, inputs, steps=4):
     return torch.stack(out)
 
 
-def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch):
+@pytest.mark.parametrize("path", ["loop", "library", None])  # None: measured
+def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
     model, cfg = bf16_model
     inputs = {k: v for k, v in batch(cfg).items()}
     calls = []
-    kernel = fast._kernel
-    monkeypatch.setattr(fast, "_kernel", lambda x, w, s=None: calls.append(tuple(w.shape)) or kernel(x, w, s))
-    inputs = {k: v[:1] for k, v in inputs.items()}  # one row: the kernel is for batch 1
+    one_row = fast._one_row
+    monkeypatch.setattr(fast, "_one_row", lambda x, w, s=None: calls.append(tuple(w.shape)) or one_row(x, w, s))
+    inputs = {k: v[:1] for k, v in inputs.items()}  # one row: the measured path is for batch 1
+    fast.choose(path)
     with torch.no_grad():
         plain = decode_logits(fast.enable(model, False), inputs)
-        assert not calls, "the kernel ran although the model's fast flag is off"
+        assert not calls, "the one-row path ran although the model's fast flag is off"
+        model.step_chooser = fast.StepChooser()
         quick = decode_logits(fast.enable(model, True), inputs)
-    assert calls, "the decode step never used the compiled kernel"
+    assert calls, "the decode step never took the one-row path"
+    trial_steps = [len(t) for t in model.step_chooser.times.values()]
+    assert trial_steps == ([2, 2] if path is None else [0, 0]), trial_steps  # 4 steps timed, unless forced
     assert (cfg.text_config.vocab_size, cfg.text_config.hidden_size) in calls, "the tied output head took F.linear"
     # Same math, different summation order and one rounding of each product in bf16: compare
     # against the logits' scale, and the greedy choices must agree.
@@ -133,3 +193,64 @@ def test_training_and_saving_see_the_plain_model(bf16_model, tmp_path):
     expected = F.linear(x.detach(), layer.up_proj.weight)
     with torch.enable_grad():
         torch.testing.assert_close(layer.up_proj(x.detach()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_elementwise_ops_equal_the_eager_ones(dtype):
+    """fast.gelu / fast.rms_norm on tensors large enough to take the compiled pass equal the eager ops
+    (computed here in fp64 from the same inputs), rounded once to the input dtype."""
+    g = torch.Generator().manual_seed(4)
+    gate, up = (3 * torch.randn(3, 50, 1024, generator=g)).to(dtype), torch.randn(3, 50, 1024, generator=g).to(dtype)
+    weight = torch.randn(1024, generator=g) / 4
+    assert gate.numel() >= fast.ELEMENTWISE_MIN
+    gelu = F.gelu(gate.double(), approximate="tanh")
+    x = gate.double()
+    norm = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.double())
+    tol = dict(rtol=2 ** -8, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for got, want in ((fast.gelu(gate), gelu), (fast.gelu(gate, up), gelu * up.double()),
+                          (fast.rms_norm(gate, weight, 1e-6), norm)):
+            assert got.dtype == dtype and got.shape == gate.shape
+            torch.testing.assert_close(got.double(), want, **tol)
+    # with autograd on, the eager ops run and gradients flow
+    gate.requires_grad_(True)
+    fast.gelu(gate, up).float().sum().backward()
+    assert gate.grad is not None
+
+
+def test_fused_elementwise_ops_in_the_model(bf16_model, monkeypatch):
+    """With every tensor taking the compiled gelu / RMSNorm (threshold 0), prefill and decode give the
+    plain model's logits and greedy tokens."""
+    model, cfg = bf16_model
+    inputs = {k: v[:1] for k, v in batch(cfg).items()}
+    calls = []
+    run = fast._run
+    monkeypatch.setattr(fast, "_run", lambda fn, *a: calls.append(fn.__name__) or run(fn, *a))
+    monkeypatch.setattr(fast, "ELEMENTWISE_MIN", 0)
+    fast.choose("library")  # the products as in the plain model: only the elementwise ops differ
+    with torch.no_grad():
+        plain = decode_logits(fast.enable(model, False), inputs)
+        assert not calls
+        fused = decode_logits(fast.enable(model, True), inputs)
+    assert {"_gelu", "_geglu", "_rms_norm"} <= set(calls), set(calls)
+    scale = plain.abs().amax()
+    assert (fused - plain).abs().max() <= 0.02 * scale, f"fused ops differ by {(fused - plain).abs().max():.4f} (scale {scale:.2f})"
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+def test_int8_prefill_reuses_one_buffer_correctly():
+    """Two int8 weights of one shape dequantize into the same scratch buffer one after the other: each
+    product must still see its own weight (the buffer is rewritten, not stale)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(fast.MAX_ROWS + 1, 64, generator=g).bfloat16()
+    outs = []
+    with torch.no_grad():
+        for _ in range(2):
+            w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+            scale = torch.rand(48, generator=g) / 100
+            got = fast.linear(x, w, scale)
+            want = (x.float() @ w.float().T) * scale
+            assert (got.float() - want).abs().max() <= 0.01 * want.abs().max()
+            outs.append(got)
+    assert not torch.equal(outs[0], outs[1])
+    assert ((48, 64), torch.bfloat16) in fast._local.scratch
