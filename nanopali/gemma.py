@@ -8,8 +8,8 @@ head. Gemma 2 adds (TextConfig flags): post-attention and post-MLP norms, attent
 query_pre_attn_scalar^-0.5, attention and final logit soft-caps, and sliding-window layers.
 
 Not here: the attention mask (masks.py), the image embeddings (model.py), the KV cache
-(kv_cache.py), the decode-step matrix kernel (fast.py, used by `Linear` and `Embedding.attend` for
-single-row products without autograd). Parameter names follow the Hugging Face `GemmaModel` /
+(kv_cache.py), the fast inference kernels (fast.py: `Linear` and `Embedding.attend` for single-row
+products, RMSNorm and the GeGLU for large tensors, all without autograd). Parameter names follow the Hugging Face `GemmaModel` /
 `Gemma2Model` keys.
 """
 
@@ -47,15 +47,17 @@ class Embedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
+    """x·rsqrt(mean(x²)+eps)·(1+w) in fp32 (fast.rms_norm: one compiled pass for large inference inputs)."""
+
+    fast = True
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))  # Gemma stores w with the norm as (1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return fast.rms_norm(x, self.weight, self.eps, fast=self.fast)
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +98,8 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaMLP(nn.Module):
+    fast = True  # GeGLU's gelu(gate)·up in one compiled pass for large inference inputs (fast.gelu)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -103,7 +107,7 @@ class GemmaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(fast.gelu(self.gate_proj(x), self.up_proj(x), fast=self.fast))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fast
 from .attention import attend
 from .config import VisionConfig
 
@@ -47,13 +47,15 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipMLP(nn.Module):
+    fast = True  # the gelu in one compiled pass for large inference inputs (fast.gelu)
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(fast.gelu(self.fc1(x), fast=self.fast))
 
 
 class SiglipEncoderLayer(nn.Module):
