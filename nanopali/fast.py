@@ -49,7 +49,9 @@ The elementwise ops. With matrix products on AMX (Intel Xeon; bf16 GEMMs at 2-3 
 becomes one vectorised pass in fp32 that rounds once to the activation dtype (eager rounds after each op,
 so results differ by about a unit in the last place); the tanh-gelu is written through a sigmoid, which
 inductor vectorises better (`_gelu_tanh`). Only tensors of at least ELEMENTWISE_MIN elements
-take them: for a decode step's single row an eager op is as fast as a call into compiled code.
+take them (a 3B prefill's RMSNorm input, 268×2048, and larger): for a decode step's single row an eager op is
+as fast as a call into compiled code, and for a small model (the shipped default's 70×1024 GeGLU) the few
+seconds that compiling costs each process would outweigh what it saves.
 
 Training, and everything with `fast` off (`enable(model, False)`, `from_pretrained(..., fast=False)`,
 the CLI's `--no-fast`), takes plain F.linear.
@@ -72,7 +74,8 @@ import torch.nn.functional as F
 MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
 MAX_K = 4096    # longest row the compiled loop takes (see above)
 TRIALS = 3      # timed decode steps of each one-row path before the faster one is kept
-ELEMENTWISE_MIN = 1 << 16  # tensors smaller than this take the eager elementwise ops (see above)
+ELEMENTWISE_MIN = 1 << 19  # tensors smaller than this take the eager elementwise ops (see above)
+MEASURE_MIN_PARAMS = 50_000_000  # smaller decoders take the library path without timing the loop (see StepChooser)
 HALF = (torch.bfloat16, torch.float16)
 INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpacking + F.linear (see above)
 
@@ -229,13 +232,16 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) 
 class StepChooser:
     """Picks the one-row path by timing whole decode steps (see the module docstring): `run(step)` calls
     step() under a path; the first 2 * (TRIALS + 1) calls alternate between the paths, later ones take the
-    faster. One per model: its shapes and dtypes decide."""
+    faster. One per model: its shapes and dtypes decide. `measure=False` takes the library path from the
+    start: for a small model (under MEASURE_MIN_PARAMS decoder parameters, as PaliGemma decides) the steps
+    are not bound by the weights' bandwidth, and compiling the loop would cost each process seconds."""
 
     PATHS = ("loop", "library")
 
-    def __init__(self):
+    def __init__(self, measure: bool = True):
+        self.measure = measure
         self.times: dict[str, list[float]] = {p: [] for p in self.PATHS}
-        self.choice: str | None = None
+        self.choice: str | None = None if measure else "library"
 
     def run(self, step):
         if _forced or self.choice:

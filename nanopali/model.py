@@ -55,7 +55,9 @@ class PaliGemma(nn.Module):
         self.vocab_limit: int | None = None
         self.quantized: str | None = None  # "int8" or "int4" after quantize.quantize (inference only; cannot be saved)
         self.cuda_graphs = True  # on CUDA, replay each decode step as a CUDA graph (decode.py)
-        self.step_chooser = fast_kernel.StepChooser()  # on CPU, times decode steps to pick fast.py's one-row path
+        # on CPU, times decode steps to pick fast.py's one-row path (a small decoder takes torch's kernels)
+        decoder_params = sum(p.numel() for p in self.decoder.parameters())
+        self.step_chooser = fast_kernel.StepChooser(measure=decoder_params >= fast_kernel.MEASURE_MIN_PARAMS)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "PaliGemma":

@@ -173,5 +173,5 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.
         for p in model.parameters():
             p.data = p.data.clone()
     model.quantized = mode
-    model.step_chooser = fast.StepChooser()  # other weight dtypes: which one-row path is faster is measured anew
+    model.step_chooser = fast.StepChooser(model.step_chooser.measure)  # other weight dtypes: measured anew
     return model

@@ -110,6 +110,10 @@ def test_step_chooser_keeps_the_faster_path():
         seen.clear()
         chooser.run(step), chooser.run(step)
         assert seen == [faster, faster] and fast._path == "library"  # the default again outside run()
+    seen = []
+    small = fast.StepChooser(measure=False)                  # a small model: the library path, never timed
+    small.run(step), small.run(step)
+    assert seen == ["library", "library"] and small.times == {"loop": [], "library": []}
 
 
 def test_a_loop_that_cannot_compile_falls_back_to_the_library(monkeypatch):
@@ -160,7 +164,7 @@ def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
     with torch.no_grad():
         plain = decode_logits(fast.enable(model, False), inputs)
         assert not calls, "the one-row path ran although the model's fast flag is off"
-        model.step_chooser = fast.StepChooser()
+        model.step_chooser = fast.StepChooser(measure=True)  # a tiny model would not time its steps
         quick = decode_logits(fast.enable(model, True), inputs)
     assert calls, "the decode step never took the one-row path"
     trial_steps = [len(t) for t in model.step_chooser.times.values()]
@@ -200,7 +204,7 @@ def test_fused_elementwise_ops_equal_the_eager_ones(dtype):
     """fast.gelu / fast.rms_norm on tensors large enough to take the compiled pass equal the eager ops
     (computed here in fp64 from the same inputs), rounded once to the input dtype."""
     g = torch.Generator().manual_seed(4)
-    gate, up = (3 * torch.randn(3, 50, 1024, generator=g)).to(dtype), torch.randn(3, 50, 1024, generator=g).to(dtype)
+    gate, up = (3 * torch.randn(2, 260, 1024, generator=g)).to(dtype), torch.randn(2, 260, 1024, generator=g).to(dtype)
     weight = torch.randn(1024, generator=g) / 4
     assert gate.numel() >= fast.ELEMENTWISE_MIN
     gelu = F.gelu(gate.double(), approximate="tanh")
@@ -254,3 +258,18 @@ def test_int8_prefill_reuses_one_buffer_correctly():
             outs.append(got)
     assert not torch.equal(outs[0], outs[1])
     assert ((48, 64), torch.bfloat16) in fast._local.scratch
+
+
+def test_only_large_decoders_time_their_steps(bf16_model):
+    """The 3B's decoder times its first steps to pick the one-row path; a tiny one takes the library path
+    at once (compiling the loop would cost each process seconds for nothing), also after quantizing."""
+    from nanopali.quantize import quantize
+    from nanopali.registry import named_config
+    with torch.device("meta"):
+        big = PaliGemma(named_config("paligemma-3b-224"))
+    assert big.step_chooser.measure and big.step_chooser.choice is None
+    model, cfg = bf16_model
+    fresh = PaliGemma(model.config).init_weights()
+    assert not fresh.step_chooser.measure and fresh.step_chooser.choice == "library"
+    quantized = quantize(fresh, "int8")
+    assert not quantized.step_chooser.measure and quantized.step_chooser.choice == "library"
