@@ -176,8 +176,8 @@ def _run(fn, *args):
         return _compiled[key](*args)
     except Exception as e:  # no C++ compiler, unsupported platform, ...
         _broken = True
-        warnings.warn(f"nanopali.fast: compiling the decode kernel failed ({type(e).__name__}: {e}); "
-                      "using F.linear from now on", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"nanopali.fast: compiling a kernel failed ({type(e).__name__}: {e}); "
+                      "using plain PyTorch ops from now on", RuntimeWarning, stacklevel=3)
         return None
 
 
