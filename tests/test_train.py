@@ -88,16 +88,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(base, data, tmp_path):
     assert not torch.equal(a["multi_modal_projector.linear.weight"], weights(base)["multi_modal_projector.linear.weight"])
 
 
-def assert_same_training(a: dict, b: dict, atol: float = 1e-5) -> None:
+def assert_same_training(a: dict, b: dict, atol: float = 1e-5, outlier_atol: float = 1e-4,
+                         outlier_share: float = 1e-3) -> None:
     """Weights after a few AdamW steps on the same global batch, summed in a different order.
 
     Attention key biases get exactly zero gradient (softmax ignores a constant shift), so Adam
     turns rounding noise into +-lr steps there: they are skipped. Elsewhere Adam can amplify a
-    near-zero gradient's rounding a little, hence 1e-5 and not 1e-7.
+    near-zero gradient's rounding, hence 1e-5 and not 1e-7, and for a rare element more: on an
+    Intel Xeon (AMX, another summation order than the AMD machine) one weight of 6144 ended 2.3e-5
+    apart. So at most `outlier_share` of a tensor may differ by more than atol, and nothing by more
+    than outlier_atol, still far below what a wrong gradient does in these runs (lr 3e-3 per step).
     """
     for k in a:
-        if not k.endswith("k_proj.bias"):
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        if k.endswith("k_proj.bias"):
+            continue
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max() <= outlier_atol, f"{k}: differs by up to {diff.max():.2e}"
+        share = (diff > atol).float().mean().item()
+        assert share <= outlier_share, f"{k}: {share:.2%} of the elements differ by more than {atol}"
 
 
 def test_gradient_accumulation_equals_one_big_batch(base, data, tmp_path):
