@@ -226,7 +226,10 @@ MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, **READ_CAPTIONS, "steps": 5000, "lr": 1.2e-4, "seed": 8,
          "note": "on an H100 as cycle 6, from cycle 6's weights as shipped"},
         {**TRAIN, **READ_CAPTIONS, "steps": 2500, "lr": 8e-5, "seed": 9,
-         "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"}]
+         "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"},
+        {**TRAIN, **READ_CAPTIONS, "repeat": {**READ_CAPTIONS["repeat"], "caption": 6}, "steps": 5000, "lr": 1e-4,
+         "seed": 10, "note": "on a 2-core Intel Xeon (AMX), from cycle 8's weights as shipped (bf16) and fresh "
+                             "auxiliary heads (cycle 8's were not kept)"}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
 
@@ -238,14 +241,16 @@ def _finished(run: Path, steps: int) -> Path | None:
 
 def patch_loss(cycle: dict, source: Path):
     """A cycle's auxiliary PatchLoss, None without "patch_loss": the heads the checkpoint `source` was trained
-    with when its trainer state has them (the previous reading cycle's), else fresh ones seeded by the cycle."""
+    with when its trainer state has them (the previous reading cycle's), else fresh ones seeded by the cycle
+    (also for shipped weights, which have no trainer state)."""
     from nanopali.train import checkpoint
     from nanopali.train.patch_warmup import PatchLoss
     if not cycle.get("patch_loss"):
         return None
     torch.manual_seed(cycle["seed"])
     auxiliary = PatchLoss(VISION["hidden_size"], NUM_CLASSES, WARMUP_COMMON["background_weight"], cycle["patch_loss"])
-    if (saved := checkpoint.load_state(source).get("auxiliary")) is not None:
+    state = checkpoint.load_state(source) if (source / checkpoint.STATE_FILE).is_file() else {}  # shipped weights: none
+    if (saved := state.get("auxiliary")) is not None:
         auxiliary.load_state_dict(saved["module"])
     return auxiliary
 
@@ -255,6 +260,8 @@ def stage_more(work: Path, start: Path | None = None) -> Path:
     RUNS (e.g. copied from another machine), stands for its cycle: only the cycles after it are run."""
     if start is None:
         source, done = _finished(work / "run", TRAIN["steps"]) or stage_train(work), 1
+    elif start.parent.name == RUNS[-1]:
+        raise SystemExit(f"--start {start}: {RUNS[-1]} is the recipe's last cycle; there is no cycle after it to train")
     elif start.parent.name in RUNS and (start / "config.json").is_file():
         source, done = start, RUNS.index(start.parent.name) + 1
     else:

@@ -307,6 +307,10 @@ def test_recipe_reading_cycles_carry_the_previous_cycles_heads(tmp_path):
     carried = recipe.patch_loss(second, after).state_dict()
     for k, v in trained.items():
         assert torch.equal(carried[k], v), k
+    shipped = tmp_path / "shipped"  # weights without a trainer state (the shipped model): fresh heads
+    shipped.mkdir()
+    for k, v in recipe.patch_loss(first, shipped).state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
@@ -341,6 +345,8 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     (elsewhere / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="run directory"):
         recipe.stage_more(tmp_path, elsewhere)
+    with pytest.raises(SystemExit, match="last cycle"):  # nothing after it: an error, not a silent no-op
+        recipe.stage_more(tmp_path, last)
     with pytest.raises(SystemExit):  # --start without --stage more alone would also train from scratch
         recipe.main(["--work", str(tmp_path), "--start", str(start)])
     assert trained[2:] == []
