@@ -9,8 +9,8 @@ query_pre_attn_scalar^-0.5, attention and final logit soft-caps, and sliding-win
 
 Not here: the attention mask (masks.py), the image embeddings (model.py), the KV cache
 (kv_cache.py), the fast inference kernels (fast.py: `Linear` and `Embedding.attend` for single-row
-products, RMSNorm and the GeGLU for large tensors, all without autograd). Parameter names follow the Hugging Face `GemmaModel` /
-`Gemma2Model` keys.
+products, RMSNorm and the GeGLU for large tensors, all without autograd). Parameter names follow the
+Hugging Face `GemmaModel` / `Gemma2Model` keys.
 """
 
 from __future__ import annotations

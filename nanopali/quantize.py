@@ -8,9 +8,10 @@ output head, are replaced by int8 weights with one fp32 scale per output channel
 for the embedding): scale = max|w| / 127 over the row, w8 = round(w / scale), so w ≈ w8 · scale.
 Activations stay in the model dtype. A decode step reads 1 byte per weight instead of 2: for batch 1
 through fast.py's compiled loop, which applies the scales to the outputs, or torch's `_weight_int8pack_mm`,
-whichever fast.py measured faster for the matrix's shape on this machine; batches up to fast.MAX_ROWS
-through `_weight_int8pack_mm`; prefill (more rows) dequantizes one matrix at a time and runs F.linear. The SigLIP tower and the projector stay as they
-are: they run once per image, in the compute-bound prefill.
+whichever gave the faster decode steps on this machine (fast.StepChooser); batches up to fast.MAX_ROWS
+through `_weight_int8pack_mm`; prefill (more rows) dequantizes one matrix at a time into a reused buffer
+and runs F.linear. The SigLIP tower and the projector stay as they are: they run once per image, in the
+compute-bound prefill.
 
 int4 quantizes the same linear layers group-wise, as gpt-fast does: each run of G (128) weights along
 the input dimension gets its own fp scale and zero, w ≈ (q - 8) · scale + zero with q in 0..15, packed
