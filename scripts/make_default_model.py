@@ -6,7 +6,8 @@
 Stages (each writes under --work and is skipped when its output exists, so a killed run continues):
     tokenizer   SentencePiece on the world's text (nanopali/world_tokenizer.py)
     vae         the vae-oid VQ-VAE trained on world object masks (nanopali/train/vqvae.py)
-    data        the training scenes as arrays + examples (nanopali/world.py), VQA "how many" thinned
+    data        the training scenes as arrays + examples (nanopali/world.py), VQA "how many" thinned; the
+                "fresh" splits (later scenes of the same seed, for the last cycles) are made when first needed
     init        the PaliGemma config and from-scratch weights (loc-token embeddings start smooth in the value)
     warmup      the vision tower alone on per-patch shape/colour/word labels (nanopali/train/patch_warmup.py),
                 background patches weighed down
@@ -55,11 +56,12 @@ VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_
               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
-N_SCENES = {"train": 30000}
+N_SCENES = {"train": 30000, "fresh": 60000, "fresh2": 60000}
+FIRST_SCENE = {"train": 0, "fresh": 30000, "fresh2": 90000}  # the training seed's next scenes, for cycles 10 and 11
 TRAIN = dict(steps=5000, batch_size=32, lr=6e-4, lr_scale={"vision_tower.*": 0.5}, warmup_steps=300,
              min_lr_ratio=0.05, weight_decay=0.01, bf16=True, save_every=250, keep_checkpoints=2,
              log_every=10, seed=2)
-SEEDS = {"tokenizer": 0, "vae": 1, "train": 2, "eval": 3}
+SEEDS = {"tokenizer": 0, "vae": 1, "train": 2, "fresh": 2, "fresh2": 2, "eval": 3}
 
 
 def stage_tokenizer(work: Path) -> Path:
@@ -112,11 +114,11 @@ def stage_data(work: Path, split: str = "train") -> Path:
     out = work / f"data-{split}.npz"
     if not out.is_file():
         start = time.perf_counter()
-        n, vae = N_SCENES[split], str(stage_vae(work))
-        chunks = [(SEEDS[split], a, min(a + 1000, n), vae) for a in range(0, n, 1000)]
+        first, n, vae = FIRST_SCENE[split], N_SCENES[split], str(stage_vae(work))
+        chunks = [(SEEDS[split], a, min(a + 1000, first + n), vae) for a in range(first, first + n, 1000)]
         with Pool(os.cpu_count() or 2) as pool:  # the chunks are seeded by their scene numbers: any pool size
             parts = list(tqdm(pool.imap(_scene_chunk, chunks), total=len(chunks), desc=f"data {split}"))
-        rows = [r for _, _, chunk in parts for r in chunk]
+        rows = [(i - first, prefix, suffix) for _, _, chunk in parts for i, prefix, suffix in chunk]  # rows index images
         np.savez(out, images=np.concatenate([p[0] for p in parts]), labels=np.concatenate([p[1] for p in parts]),
                  scene=np.array([r[0] for r in rows]), prefix=np.array([r[1] for r in rows]),
                  suffix=np.array([r[2] for r in rows]))
@@ -210,12 +212,15 @@ def stage_train(work: Path) -> Path:
 # From cycle 4 on they are also about reading: decoder training had worn away the tower's word features (a linear
 # probe, scripts/probe_word_features.py: 73 % after the warm-up, 30 % after cycle 3), so they keep the warm-up's
 # per-patch labels as an auxiliary loss of weight "patch_loss" (train/patch_warmup.PatchLoss; its heads at 10x the
-# lr, fresh in the first such cycle, then carried over) and show OCR 6x; from cycle 6 on captions 4x. "note" says
+# lr, fresh in the first such cycle, then carried over) and show OCR 6x; from cycle 6 on captions 4x. Cycles 10
+# and 11 train on scenes never shown before ("data": a split of N_SCENES): after nine cycles on the same 30000
+# scenes the model captioned 96 % of those and 77-81 % of new ones, so it was memorizing. "note" says
 # where a cycle ran when not here (the model card prints it).
 MORE_REPEAT = {**REPEAT, "detect": 3, "segment": 3}
 READ = {"patch_loss": 0.5, "lr_scale": {**TRAIN["lr_scale"], "auxiliary.*": 10.0}, "repeat": {**MORE_REPEAT, "ocr": 6}}
 READ_CAPTIONS = {**READ, "repeat": {**READ["repeat"], "caption": 4}, "warmup_steps": 100}
-RECIPE_ONLY = ("patch_loss", "repeat", "note")  # cycle keys that are not TrainConfig options
+READ_CAPTIONS_6X = {**READ_CAPTIONS, "repeat": {**READ_CAPTIONS["repeat"], "caption": 6}}
+RECIPE_ONLY = ("patch_loss", "repeat", "data", "note")  # cycle keys that are not TrainConfig options
 MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
         {**TRAIN, "steps": 3000, "lr": 1.5e-4, "warmup_steps": 100, "seed": 4},
         {**TRAIN, **READ, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 5},
@@ -227,9 +232,14 @@ MORE = [{**TRAIN, "steps": 4000, "lr": 3e-4, "warmup_steps": 100, "seed": 3},
          "note": "on an H100 as cycle 6, from cycle 6's weights as shipped"},
         {**TRAIN, **READ_CAPTIONS, "steps": 2500, "lr": 8e-5, "seed": 9,
          "note": "back on the 2-core CPU, from cycle 7's fp32 checkpoint"},
-        {**TRAIN, **READ_CAPTIONS, "repeat": {**READ_CAPTIONS["repeat"], "caption": 6}, "steps": 5000, "lr": 1e-4,
+        {**TRAIN, **READ_CAPTIONS_6X, "steps": 5000, "lr": 1e-4,
          "seed": 10, "note": "on a 2-core Intel Xeon (AMX), from cycle 8's weights as shipped (bf16) and fresh "
-                             "auxiliary heads (cycle 8's were not kept)"}]
+                             "auxiliary heads (cycle 8's were not kept)"},
+        {**TRAIN, **READ_CAPTIONS_6X, "steps": 4000, "lr": 1.2e-4,
+         "seed": 11, "data": "fresh", "note": "on the 2-core Xeon; after nine cycles on the same 30000 "
+                                               "scenes the model captioned 96 % of those but 77-81 % of new ones"},
+        {**TRAIN, **READ_CAPTIONS_6X, "steps": 4000, "lr": 8e-5,
+         "seed": 12, "data": "fresh2", "note": "on the 2-core Xeon"}]
 RUNS = ["run"] + [f"run{k}" for k in range(2, 2 + len(MORE))]  # the cycles' run directories, in order
 
 
@@ -273,7 +283,8 @@ def stage_more(work: Path, start: Path | None = None) -> Path:
         options = {k: v for k, v in cycle.items() if k not in RECIPE_ONLY}
         config = TrainConfig(model=str(source), out=str(work / run), resume=True, **options)
         auxiliary = patch_loss(cycle, source)
-        data = WorldExamples(stage_data(work), cycle.get("repeat", MORE_REPEAT), patch_labels=auxiliary is not None)
+        data = WorldExamples(stage_data(work, cycle.get("data", "train")), cycle.get("repeat", MORE_REPEAT),
+                             patch_labels=auxiliary is not None)
         source = fit(config, train_data=data, auxiliary=auxiliary)
     return source
 
@@ -352,9 +363,12 @@ def _cycle_line(k: int, cycle: dict) -> str:
            f"(nanopali/train/patch_warmup.PatchLoss)" if cycle.get("patch_loss") else "")
     changed = {key: v for key, v in cycle.items() if key not in RECIPE_ONLY and v != TRAIN.get(key)}
     note = f"; {cycle['note']}" if cycle.get("note") else ""
+    split = cycle.get("data", "train")
+    data = (f", on the data stage's \"{split}\" split (scenes {FIRST_SCENE[split]}-{FIRST_SCENE[split] + N_SCENES[split] - 1} "
+            f"of the training seed, none seen by an earlier cycle)" if split != "train" else "")
     return (f"{7 + k}. **Cycle {2 + k}**: {cycle['steps']} more steps from the previous cycle's last weights, a fresh "
-            f"optimizer and data order, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` (the rest as above)"
-            f"{note}.\n")
+            f"optimizer and data order{data}, per epoch {shown} (instead of 2x){aux}: `{json.dumps(changed)}` "
+            f"(the rest as above){note}.\n")
 
 
 def model_card(work: Path, source: Path, metrics: dict) -> str:

@@ -322,23 +322,24 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     trained = []
 
     def fake_fit(config, train_data, auxiliary=None):
-        trained.append((Path(config.out).name, Path(config.model), config.steps, auxiliary is not None))
+        trained.append((Path(config.out).name, Path(config.model), config.steps, auxiliary is not None, *train_data))
         done = Path(config.out) / f"{checkpoint.PREFIX}{config.steps:06d}"
         done.mkdir(parents=True)
         torch.save({"step": config.steps}, done / checkpoint.STATE_FILE)
         return done
 
     monkeypatch.setattr(recipe, "fit", fake_fit)
-    monkeypatch.setattr(recipe, "stage_data", lambda work: work / "d.npz")
-    monkeypatch.setattr(recipe, "WorldExamples", lambda *args, **kwargs: [])
+    monkeypatch.setattr(recipe, "stage_data", lambda work, split="train": work / f"data-{split}.npz")
+    monkeypatch.setattr(recipe, "WorldExamples", lambda path, *args, **kwargs: [path.name])
     start = tmp_path / recipe.RUNS[-3] / "checkpoint-000010"
     start.mkdir(parents=True)
     (start / "config.json").write_text("{}")
     torch.save({"step": 10}, start / checkpoint.STATE_FILE)
     last = recipe.stage_more(tmp_path, start)
-    assert trained == [(recipe.RUNS[-2], start, recipe.MORE[-2]["steps"], True),
+    data = [f"data-{recipe.MORE[k].get('data', 'train')}.npz" for k in (-2, -1)]  # each cycle on its own split
+    assert trained == [(recipe.RUNS[-2], start, recipe.MORE[-2]["steps"], True, data[0]),
                        (recipe.RUNS[-1], tmp_path / recipe.RUNS[-2] / f"checkpoint-{recipe.MORE[-2]['steps']:06d}",
-                        recipe.MORE[-1]["steps"], True)]
+                        recipe.MORE[-1]["steps"], True, data[1])]
     assert last.parent.name == recipe.RUNS[-1]
     elsewhere = tmp_path / "copied" / "checkpoint-000010"
     elsewhere.mkdir(parents=True)
@@ -350,3 +351,29 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # --start without --stage more alone would also train from scratch
         recipe.main(["--work", str(tmp_path), "--start", str(start)])
     assert trained[2:] == []
+
+
+def test_recipe_fresh_split_holds_the_training_seeds_next_scenes(tmp_path, monkeypatch):
+    """make_default_model.stage_data("fresh"): scenes FIRST_SCENE["fresh"]... of the training seed (no split
+    shares a scene with another), stored from index 0, each example pointing at its own scene's image."""
+    from nanopali.tasks.segmentation import CHECKPOINT_NAME
+    from nanopali.world import caption
+    import sys
+    recipe = _script("make_default_model")
+    monkeypatch.setitem(sys.modules, "make_default_model", recipe)  # the data stage's worker pool pickles by name
+    ranges = sorted((recipe.FIRST_SCENE[s], recipe.FIRST_SCENE[s] + recipe.N_SCENES[s], recipe.SEEDS[s])
+                    for s in recipe.N_SCENES)
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # no scene in two splits
+    assert {seed for *_, seed in ranges} == {recipe.SEEDS["train"]}
+    monkeypatch.setattr(recipe, "N_SCENES", {"fresh": 3})
+    monkeypatch.setattr(recipe, "FIRST_SCENE", {"fresh": 7})
+    vae = ROOT / "nanopali" / "default_model" / CHECKPOINT_NAME
+    monkeypatch.setattr(recipe, "stage_vae", lambda work: vae)
+    data = np.load(recipe.stage_data(tmp_path, "fresh"))
+    assert data["images"].shape == (3, recipe.IMAGE_SIZE, recipe.IMAGE_SIZE, 3)
+    for k in range(3):
+        scene = make_scene(random.Random(f"world:{recipe.SEEDS['train']}:{7 + k}"), size=recipe.IMAGE_SIZE)
+        assert np.array_equal(data["images"][k], np.asarray(scene.image))
+        captions = [s for i, p, s in zip(data["scene"], data["prefix"], data["suffix"]) if i == k and p == "caption en"]
+        assert captions == [caption(scene)]
+    assert sorted(set(data["scene"].tolist())) == [0, 1, 2]
