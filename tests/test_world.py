@@ -5,6 +5,7 @@ import io
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -358,7 +359,6 @@ def test_recipe_fresh_split_holds_the_training_seeds_next_scenes(tmp_path, monke
     shares a scene with another), stored from index 0, each example pointing at its own scene's image."""
     from nanopali.tasks.segmentation import CHECKPOINT_NAME
     from nanopali.world import caption
-    import sys
     recipe = _script("make_default_model")
     monkeypatch.setitem(sys.modules, "make_default_model", recipe)  # the data stage's worker pool pickles by name
     ranges = sorted((recipe.FIRST_SCENE[s], recipe.FIRST_SCENE[s] + recipe.N_SCENES[s], recipe.SEEDS[s])
