@@ -198,10 +198,15 @@ def _fast_context(x: torch.Tensor) -> bool:
 
 def _library(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x (M, K) -> (M, N) through torch's own kernel for the weight's dtype."""
+    if weight.dtype == torch.int8 and hasattr(torch, "_weight_int8pack_mm"):
+        return torch._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+    return _plain(x, weight, scale)  # older torch: int8 dequantized eagerly
+
+
+def _plain(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The plain path: F.linear, int8 weights dequantized eagerly (a transient copy of one matrix)."""
     if weight.dtype == torch.int8:
-        if hasattr(torch, "_weight_int8pack_mm"):
-            return torch._weight_int8pack_mm(x, weight, scale.to(x.dtype))
-        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])  # older torch: dequantize eagerly
+        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
     return F.linear(x, weight) if scale is None else F.linear(x, weight) * scale.to(x.dtype)
 
 
@@ -274,20 +279,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     rows = x.numel() // K
     if fast and uses_kernel(x, weight):
         return _one_row(x.reshape(1, K), weight, scale).view(*lead, N)
-    int8 = weight.dtype == torch.int8
-    if int8 and fast and _fast_context(x) and x.dtype in HALF + (torch.float32,) and hasattr(torch, "_weight_int8pack_mm"):
+    if (weight.dtype == torch.int8 and fast and _fast_context(x) and x.dtype in HALF + (torch.float32,)
+            and hasattr(torch, "_weight_int8pack_mm")):
         if rows <= MAX_ROWS:
-            return torch._weight_int8pack_mm(x.reshape(rows, K), weight, scale.to(x.dtype)).view(*lead, N)
+            return _library(x.reshape(rows, K), weight, scale).view(*lead, N)
         w = _run(_dequantize, weight, scale, _scratch(tuple(weight.shape), x.dtype))
         if w is not None:
             return F.linear(x, w)
-    if int8:  # the plain path: dequantize one matrix eagerly (a transient copy)
-        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
-    return F.linear(x, weight) if scale is None else F.linear(x, weight) * scale.to(x.dtype)
+    return _plain(x, weight, scale)
 
 
 def _elementwise(x: torch.Tensor, fast: bool) -> bool:
-    return fast and _fast_context(x) and x.numel() >= ELEMENTWISE_MIN and not _broken
+    return fast and _fast_context(x) and x.numel() >= ELEMENTWISE_MIN  # _run falls back once compiling failed
 
 
 def gelu(x: torch.Tensor, up: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
