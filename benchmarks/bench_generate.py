@@ -5,13 +5,13 @@
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
     python benchmarks/bench_generate.py --model /tmp/pg3b --device cuda --new-tokens 64 --runs 3   # on a GPU
 
-Frameworks (--frameworks): nanopali (its default: the one-row decode products take fast.py's compiled
+Frameworks (--frameworks): nanopali (its default: the one-row decode products take inference/cpu_kernels.py's compiled
 loop or torch's kernels, whichever gave the faster decode steps in its first steps on this machine, and
 large elementwise ops are fused), nanopali-loop (the compiled loop forced, the default before the choice
 was measured), nanopali-plain (fast=False: plain PyTorch, F.linear everywhere), nanopali-int8
 (quantize="int8"), nanopali-int4
 (quantize="int4": group-wise int4 decoder layers, int8 head), transformers. With --device cuda the
-default is nanopali (each decode step replayed as a CUDA graph, decode.py), nanopali-eager
+default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_graph.py), nanopali-eager
 (cuda_graphs=False: the same step run eagerly) and transformers.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
@@ -102,24 +102,24 @@ def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0, device: s
 class NanoPali:
     def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", fast: bool = True, quantize: str | None = None,
                  cuda_graphs: bool = True, one_row: str | None = None):
-        from nanopali import PaliGemma
-        from nanopali import fast as fast_kernels
-        fast_kernels.choose(one_row)  # None: measure which one-row path is faster (the default)
-        self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, fast=fast, quantize=quantize,
-                                               cuda_graphs=cuda_graphs)
+        from nanopali import PaliGemma, prepare
+        self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device)
+        # one_row None: measure which one-row path is faster (the default)
+        self.runtime = prepare(self.model, quantize=quantize, cpu_kernels=fast, cuda_graphs=cuda_graphs, force_path=one_row)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
 
     def prefill(self, inputs, new_tokens: int):
-        from nanopali.decode import prefill
+        from nanopali.inference.decode import prefill
         logits, state = prefill(self.model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                inputs["token_type_ids"], max_new_tokens=new_tokens)
+                                inputs["token_type_ids"], max_new_tokens=new_tokens, runtime=self.runtime)
         return logits, state
 
     def step(self, state, tokens):
         return state, state.step(self.model, tokens)
 
     def generate(self, inputs, new_tokens: int) -> torch.Tensor:
-        return self.model.generate(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
+        from nanopali import generate
+        return generate(self.model, **inputs, max_new_tokens=new_tokens, eos_token_id=[], runtime=self.runtime)
 
 
 class Transformers:
@@ -222,16 +222,15 @@ def worker(args) -> dict:
         gpu_after_load_gib=gpu_after_load, peak_gpu_gib=peak_gpu_gib(),
         cuda_graph=getattr(state, "graph", None) is not None,  # nanopali's last decode replayed a CUDA graph
         tokens=torch.stack(tokens, 1)[0].tolist(),
-        one_row=one_row_path(fw.model) if args.worker.startswith("nanopali") and args.device == "cpu" else None,
+        one_row=one_row_path(fw.runtime.kernels) if args.worker.startswith("nanopali") and args.device == "cpu" else None,
     )
 
 
-def one_row_path(model) -> str:
-    """fast.py's one-row path for this model's decode steps: forced, or measured (with the trial steps' medians)."""
-    from nanopali import fast
-    if fast._forced:
-        return f"{fast._forced} (forced)"
-    chooser = model.step_chooser
+def one_row_path(kernels) -> str:
+    """The CPU kernels' one-row path for this model's decode steps: forced, or measured (with the trial steps' medians)."""
+    if kernels.forced:
+        return f"{kernels.forced} (forced)"
+    chooser = kernels.chooser
     trials = ", ".join(f"{p} {1000 * statistics.median(t[1:]):.0f} ms" for p, t in chooser.times.items() if len(t) > 1)
     return f"{chooser.choice or 'undecided'} (measured; trial steps, median: {trials})"
 
@@ -246,8 +245,9 @@ def quick_checkpoint(dtype: str) -> Path:
     from dataclasses import replace
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from make_random_checkpoint import random_state
+
+    from nanopali.io.hf_checkpoint import save_state_dict
     from nanopali.registry import named_config
-    from nanopali.weights import save_state_dict
     config = named_config("paligemma-3b-224")
     config = replace(config, text_config=replace(config.text_config, num_hidden_layers=2, layer_types=config.text_config.layer_types[:2]),
                      vision_config=replace(config.vision_config, num_hidden_layers=2))
@@ -443,7 +443,7 @@ def main(argv=None) -> None:
     unknown = set(frameworks) - set(FRAMEWORKS)
     if unknown or not frameworks:
         p.error(f"--frameworks takes a comma-separated subset of {','.join(FRAMEWORKS)}, got {args.frameworks!r}")
-    from nanopali.weights import CheckpointError, checkpoint_files
+    from nanopali.io.hf_checkpoint import CheckpointError, checkpoint_files
     try:
         weight_gib = sum(f.stat().st_size for f in checkpoint_files(Path(args.model))) / 2**30
     except CheckpointError as e:

@@ -12,7 +12,7 @@ labels are -100 on the prefix, as the Processor makes them. One step, timed iden
     loss.backward(); opt.step(); opt.zero_grad()  (torch.optim.AdamW over every parameter, full fine-tuning)
 
 transformers computes logits for every position (B, T, V) and then the loss; nanopali sends only
-the suffix positions through the output head (loss.py). Each (framework, precision) pair runs in
+the suffix positions through the output head (nn/losses.py). Each (framework, precision) pair runs in
 its own subprocess (this script re-invokes itself with --worker), so peak RSS (ru_maxrss) is per
 pair and covers loading and training. Step 0 is a warm-up and is dropped; the table shows medians
 (and the best step), the loss of the first step on both sides (same weights and batch: they should
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_generate import cpu_seconds, other_load, peak_rss_gib  # same measurements as the generation benchmark
 
 PROMPT_TOKENS, SUFFIX_TOKENS = 10, 16

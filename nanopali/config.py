@@ -17,6 +17,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from nanopali.errors import ConfigError, MissingFileError
+
 # Defaults of the transformers config classes (transformers 5.x `configuration_gemma.py`,
 # `configuration_gemma2.py`, `configuration_siglip.py`), applied to fields a file leaves out.
 _GEMMA_DEFAULTS = dict(
@@ -51,10 +53,6 @@ _IGNORED_KEYS = {
     "eoi_token_index", "mm_tokens_per_image", "keys_to_ignore_at_inference", "num_positions",
 }
 _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is Gemma's legacy spelling of tanh-gelu
-
-
-class ConfigError(ValueError):
-    """A config.json that nanopali cannot interpret without guessing."""
 
 
 @dataclass
@@ -232,7 +230,7 @@ class PaliGemmaConfig:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
+            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
         try:
             d = json.loads(file.read_text())
         except json.JSONDecodeError as e:

@@ -1,6 +1,6 @@
 """Where the shipped default model lives: `nanopali.load()` and every CLI command without --model use it.
 
-The default is a small PaliGemma trained on nanopali's toy shapes world (nanopali/world.py); it knows only
+The default is a small PaliGemma trained on nanopali's toy shapes world (nanopali/world/); it knows only
 that world. The environment variable NANOPALI_DEFAULT_MODEL, when set, names another directory to use instead.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+from nanopali.errors import MissingFileError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "world" / "default_model"  # a data folder: nothing is imported from world/
 ENV_VAR = "NANOPALI_DEFAULT_MODEL"
 
 
@@ -20,6 +22,6 @@ def default_model_dir() -> Path:
     if (path / "config.json").is_file():
         return path
     if override:
-        raise FileNotFoundError(f"{ENV_VAR}={override} is not a checkpoint directory (no config.json there)")
-    raise FileNotFoundError(f"no default model at {path}: this nanopali was installed without it (e.g. from an "
-                            f"sdist without its data files); pass a checkpoint directory (--model on the command line)")
+        raise MissingFileError(f"{ENV_VAR}={override} is not a checkpoint directory (no config.json there)")
+    raise MissingFileError(f"no default model at {path}: this nanopali was installed without it (e.g. from an "
+                           f"sdist without its data files); pass a checkpoint directory (--model on the command line)")

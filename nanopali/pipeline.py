@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .generate import tokenizer_settings
-from .images import load_image
-from .model import PaliGemma
-from .paths import default_model_dir
-from .processor import Processor
-from .streaming import IncrementalDecoder, stream
-from .tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
+from nanopali.errors import UsageError
+from nanopali.inference.answers import generate_answers
+from nanopali.inference.runtime import Runtime, prepare
+from nanopali.inference.streaming import stream
+from nanopali.inputs.images import load_image
+from nanopali.inputs.processor import Processor
+from nanopali.models.paligemma import PaliGemma
+from nanopali.paths import default_model_dir
+from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
 
 VAE_FILE = "vae-oid.npz"
 TASK_TOKENS = {"caption": 64, "answer": 32, "ocr": 128, "detect": 128, "segment": 256, "generate": 64}
@@ -62,21 +64,23 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, dev
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
-    quantize="int8"/"int4" are PaliGemma.from_pretrained's (quantize.py); fast=False is its fast=False and
-    cuda_graphs=False: the plain decode step everywhere (no compiled CPU kernel, no CUDA graph), for debugging.
+    quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
+    step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
     """
     path = default_model_dir() if path is None else Path(path)
-    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize, fast=fast,
-                                      cuda_graphs=fast)
+    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
     processor = Processor.from_pretrained(path)
     vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
-    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path)
+    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path,
+                runtime=runtime)
 
 
 class Pali:
     def __init__(self, model: PaliGemma, processor: Processor, vae: SegmentationVAE | None = None,
-                 model_dir: str | Path | None = None):
+                 model_dir: str | Path | None = None, runtime: Runtime | None = None):
         self.model, self.processor, self.vae, self.model_dir = model, processor, vae, model_dir
+        self.runtime = runtime or Runtime()  # how the model runs (inference/runtime.py)
         self.stats: dict[str, float] = {}  # new_tokens and seconds of the last generate/task call
 
     # ------------------------------------------------------------------ text
@@ -90,7 +94,7 @@ class Pali:
 
     def stream(self, image, prompt: str, **kwargs) -> Iterator[str]:
         kwargs.setdefault("max_new_tokens", TASK_TOKENS["generate"])
-        return stream(self.model, self.processor, load_image(image), prompt, **kwargs)
+        return stream(self.model, self.processor, load_image(image), prompt, runtime=self.runtime, **kwargs)
 
     def caption(self, images, lang: str = "en", **kwargs):
         return self._text(images, f"caption {lang}", "caption", **kwargs)
@@ -131,7 +135,7 @@ class Pali:
     def _objects(self, images, task: str, labels, convention: str, **kwargs) -> list[ParsedObjects]:
         labels = [labels] if isinstance(labels, str) else list(labels)
         if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise ValueError(f"{task} needs one or more non-empty labels, got {labels!r}")
+            raise UsageError(f"{task} needs one or more non-empty labels, got {labels!r}")
         batch = _load_images(images)
         prompt = f"{task} " + " ; ".join(x.strip() for x in labels)
         results = []
@@ -145,24 +149,10 @@ class Pali:
         """Generate for loaded images, one prompt per row; return each row's text and its tokens'
         ((start, end), logprob) spans (for scored_objects)."""
         kwargs.setdefault("max_new_tokens", TASK_TOKENS[task])
-        tok = self.processor.tokenizer
-        batch = self.processor(images=images, prompts=prompts, padding_side="left")
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
         start = time.perf_counter()
-        out = self.model.generate(**batch, return_logprobs=True, **{**tokenizer_settings(tok), **kwargs})
-        self.stats = {"new_tokens": int((out.tokens != tok.pad_id).sum()), "seconds": time.perf_counter() - start}
-        rows = []
-        for ids, logprobs in zip(out.tokens.tolist(), out.logprobs.tolist()):
-            decoder, spans = IncrementalDecoder(lambda x: tok.decode(x, skip_special_tokens=True)), []
-            for i, lp in zip(ids, logprobs):
-                if i in (tok.eos_id, tok.pad_id):
-                    break
-                begin = len(decoder.emitted)
-                decoder.push(i)
-                spans.append(((begin, max(begin + 1, len(decoder.emitted))), lp))
-            decoder.finish()
-            rows.append((decoder.emitted, spans))
-        return rows
+        answers = generate_answers(self.model, self.processor, images, prompts, runtime=self.runtime, **kwargs)
+        self.stats = {"new_tokens": sum(a.new_tokens for a in answers), "seconds": time.perf_counter() - start}
+        return [(a.text, a.spans) for a in answers]
 
 
 def _load_images(images) -> list:

@@ -8,7 +8,7 @@ the first 257152 rows are real tokens (`<image>` = 257152 is the first padding r
 
 from __future__ import annotations
 
-from .config import PaliGemmaConfig, TextConfig, VisionConfig
+from nanopali.config import PaliGemmaConfig, TextConfig, VisionConfig
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14)
 VOCAB_ROWS = 257216

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from nanopali import PaliGemma, PaliGemmaConfig
+from nanopali.io.hf_checkpoint import save_state_dict
 from nanopali.registry import NAMES, named_config
-from nanopali.weights import save_state_dict
 
 
 def random_state(config: PaliGemmaConfig, dtype: torch.dtype, seed: int = 0, std: float = 0.02,

@@ -1,28 +1,23 @@
-"""Write a seeded toy-world training set (nanopali/world.py): PNG images and train.jsonl in the training format.
+"""Write a seeded toy-world training set (nanopali/world/): PNG images and train.jsonl in the training format.
 
     python scripts/make_world_data.py --out data/world --n 1000 --seed 0 [--size 224] [--vae vae-oid.npz]
 
-Image i of seed s is drawn from random.Random(f"world:{s}:{i}"), so a held-out set is the same command with
-another seed. Each line of OUT/train.jsonl is {"image": "images/000012.png", "prefix": ..., "suffix": ...}
+Image i of seed s is drawn from nanopali.world.scenes.scene_rng(s, i), so a held-out set is the same command
+with another seed. Each line of OUT/train.jsonl is {"image": "images/000012.png", "prefix": ..., "suffix": ...}
 (paths relative to the JSONL, as nanopali.train.JsonlDataset reads them); every example of every scene is
-written. segment examples need --vae. The counts per task are printed at the end.
+written. segment examples need --vae. The counts per task (train/metrics.task_of) are printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
-from nanopali.world import examples, make_scene
-
-
-def task_of(prefix: str) -> str:
-    """"detect star ; circle" -> "detect"; "answer en how many stars are there?" -> "answer how many"."""
-    words = prefix.split()
-    return " ".join(["answer"] + words[2:4]) if words[0] == "answer" else words[0]
+from nanopali.train.metrics import task_of
+from nanopali.world.examples import examples
+from nanopali.world.scenes import make_scene, scene_rng
 
 
 def write(out: Path, n: int, seed: int, size: int = 224, vae=None) -> Counter:
@@ -31,7 +26,7 @@ def write(out: Path, n: int, seed: int, size: int = 224, vae=None) -> Counter:
     counts: Counter = Counter()
     with open(out / "train.jsonl", "w", encoding="utf-8") as jsonl:
         for i in range(n):
-            rng = random.Random(f"world:{seed}:{i}")
+            rng = scene_rng(seed, i)
             scene = make_scene(rng, size=size)
             name = f"images/{i:06d}.png"
             scene.image.save(out / name)

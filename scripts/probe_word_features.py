@@ -4,10 +4,10 @@
 
 For the first 6000 training scenes that show a word (WORK/data-train.npz of make_default_model.py), the image
 tokens (`PaliGemma.image_features`, after the projector) are averaged over the patches the word touches
-(world.patch_labels), and a logistic regression (full batch, Adam, small L2) learns the word from the first 5000;
-the printed accuracy is on the other 1000. A model that reads needs this information in its image tokens; the
-model card uses the probe to show that decoder training wore it away, and that the auxiliary per-patch loss
-of the later cycles (train/patch_warmup.PatchLoss) brought it back.
+(world/scenes.patch_labels), and a logistic regression (full batch, Adam, small L2) learns the word from the
+first 5000; the printed accuracy is on the other 1000. A model that reads needs this information in its image
+tokens; the model card uses the probe to show that decoder training wore it away, and that the auxiliary
+per-patch loss of the later cycles (world/patch_warmup.PatchLoss) brought it back.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from nanopali import PaliGemma
-from nanopali.images import preprocess
-from nanopali.world import WORDS
+from nanopali.inputs.images import preprocess
+from nanopali.world.scenes import WORDS
 
 
 def word_features(model: PaliGemma, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import batch, hf_config, hf_logits, hf_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PaliGemmaForConditionalGeneration
 
-from hf_reference import batch, hf_config, hf_logits, hf_model
 from nanopali import CheckpointError, ConfigError, PaliGemma
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from tiny_checkpoint import write_tiny_checkpoint
+
 from nanopali import PaliGemma, Processor, stream
 
-VAE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE = Path(__file__).resolve().parent / "fixtures" / "vqvae" / "vae-random.npz"
 SCRIPT = shutil.which("nanopali")
 
 
@@ -119,3 +119,59 @@ def test_user_mistakes_are_one_line_without_traceback(model, image, tmp_path, ar
 def test_unknown_task_is_a_usage_error():
     out = cli("describe", "x.png")
     assert out.returncode == 2 and "invalid choice: 'describe'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_internal_error_keeps_its_traceback(model, image, monkeypatch):
+    """Only a NanopaliError is a user mistake: any other exception (here a ValueError deep in caption) propagates."""
+    from nanopali import cli
+    from nanopali.pipeline import Pali
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("boom")
+    monkeypatch.setattr(Pali, "stream", broken)
+    with pytest.raises(ValueError, match="boom"):
+        cli.main(["caption", str(image), "--model", str(model), "--dtype", "float32", "--max-new-tokens", "2"])
+
+
+def test_caption_and_help_never_import_training_or_the_world(model, image):
+    code = ("import sys; from nanopali import cli; import nanopali.cli.tasks; cli._parser()\n"
+            f"assert cli.main(['caption', {str(image)!r}, '--model', {str(model)!r}, '--dtype', 'float32', "
+            "'--max-new-tokens', '2']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('nanopali.train', 'nanopali.world'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_train_help_lists_every_training_option(capsys):
+    from dataclasses import fields
+
+    from nanopali import cli
+    from nanopali.train import TrainConfig
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--config" in out
+
+
+def test_every_error_is_a_nanopali_error_and_keeps_its_builtin_base():
+    import inspect
+
+    from nanopali import config, errors
+    from nanopali.inputs import images, tokenizer
+    from nanopali.io import hf_checkpoint
+    from nanopali.train import data
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert len(classes) >= 10 and all(issubclass(c, errors.NanopaliError) for c in classes)
+    assert all(issubclass(c, (ValueError, FileNotFoundError)) for c in classes if c is not errors.NanopaliError)
+    assert issubclass(errors.ImageNotFoundError, FileNotFoundError) and issubclass(errors.MissingFileError, FileNotFoundError)
+    # the old import paths name the same classes
+    assert config.ConfigError is errors.ConfigError and hf_checkpoint.CheckpointError is errors.CheckpointError
+    assert images.ImageError is errors.ImageError and images.ImageNotFoundError is errors.ImageNotFoundError
+    assert tokenizer.TokenizerError is errors.TokenizerError and data.DataError is errors.DataError

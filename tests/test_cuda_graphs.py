@@ -1,4 +1,4 @@
-"""The decode step as a CUDA graph (decode.py): equal to the eager step, and never used where it must not be.
+"""The decode step as a CUDA graph (inference/cuda_graph.py): equal to the eager step, and never used where it must not be.
 
 The CUDA tests run only where torch sees a GPU; the CPU tests check the switch and the fallback.
 """
@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
-
-from nanopali import PaliGemma, decode
-from nanopali.decode import prefill
 from tiny_checkpoint import tiny_config
+
+from nanopali import PaliGemma, Runtime, generate
+from nanopali.inference import cuda_graph, decode
+from nanopali.inference.decode import prefill
 
 IMAGE_TOKEN, BOS = 299, 2
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,11 +45,11 @@ def prompts(rows: int = 2, device="cpu", dtype=torch.float32) -> dict[str, torch
 
 
 @torch.no_grad()
-def teacher_forced(model, inputs, steps: int, tokens=None):
+def teacher_forced(model, inputs, steps: int, tokens=None, runtime=None):
     """Prefill, then `steps` steps fed `tokens` (steps, B) or, if None, the argmax.
 
     Returns the logits (steps + 1, B, V), the tokens fed (steps, B) and the decode state."""
-    logits, state = prefill(model, **inputs, max_new_tokens=steps)
+    logits, state = prefill(model, **inputs, max_new_tokens=steps, runtime=runtime)
     out, fed = [logits], []
     for i in range(steps):
         fed.append(out[-1].argmax(-1) if tokens is None else tokens[i])
@@ -58,30 +59,29 @@ def teacher_forced(model, inputs, steps: int, tokens=None):
 
 def test_cpu_decoding_never_uses_a_graph():
     model = tiny_model(1)
-    assert model.cuda_graphs, "CUDA graphs should be on by default"
+    assert Runtime().cuda_graphs, "CUDA graphs should be on by default"
     _, _, state = teacher_forced(model, prompts(), steps=3)
     assert not state.cuda_graph and state.graph is None
 
 
 def test_a_failed_capture_falls_back_to_eager_with_one_warning(monkeypatch):
-    monkeypatch.setattr(decode, "_capture_failed", False)
     tries = []
 
     def broken(*args):
         tries.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(decode, "GraphedStep", broken)
-    model, inputs = tiny_model(2), prompts()
+    monkeypatch.setattr(cuda_graph, "GraphedStep", broken)
+    model, inputs, runtime = tiny_model(2), prompts(), Runtime()
     want, tokens, _ = teacher_forced(model, inputs, steps=4)
     with torch.no_grad():
-        logits, state = prefill(model, **inputs, max_new_tokens=4)
+        logits, state = prefill(model, **inputs, max_new_tokens=4, runtime=runtime)
         state.cuda_graph = True  # as prefill sets it on CUDA
         with pytest.warns(RuntimeWarning, match="CUDA graph failed .*operation not permitted"):
             got = [state.step(model, tokens[0])]
         assert not state.cuda_graph and state.graph is None
         got += [state.step(model, t) for t in tokens[1:]]
-        _, again = prefill(model, **inputs, max_new_tokens=4)
+        _, again = prefill(model, **inputs, max_new_tokens=4, runtime=runtime)
         again.cuda_graph = True
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning, and no second try
@@ -101,16 +101,13 @@ def test_beam_search_turns_the_graph_off():
 @cuda
 @pytest.mark.parametrize("generation", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_steps_equal_eager_steps(generation, dtype, monkeypatch):
-    monkeypatch.setattr(decode, "_capture_failed", False)
+def test_cuda_graph_steps_equal_eager_steps(generation, dtype):
     model, inputs = tiny_model(generation, dtype, "cuda"), prompts(2, "cuda", dtype)
-    model.cuda_graphs = False
-    eager, tokens, eager_state = teacher_forced(model, inputs, steps=12)
+    eager, tokens, eager_state = teacher_forced(model, inputs, steps=12, runtime=Runtime(cuda_graphs=False))
     assert eager_state.graph is None
-    model.cuda_graphs = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graphed, _, state = teacher_forced(model, inputs, steps=12, tokens=tokens)
+        graphed, _, state = teacher_forced(model, inputs, steps=12, tokens=tokens, runtime=Runtime())
     assert state.graph is not None, f"the step was not captured: {[str(w.message) for w in caught]}"
     # the replay runs the eager step's kernels on the same inputs
     scale = eager.float().abs().max()
@@ -123,18 +120,16 @@ def test_cuda_graph_steps_equal_eager_steps(generation, dtype, monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("rows", [1, 2])
-def test_cuda_generate_with_graphs_equals_eager(rows, monkeypatch):
-    monkeypatch.setattr(decode, "_capture_failed", False)
+def test_cuda_generate_with_graphs_equals_eager(rows):
     model, inputs = tiny_model(2, device="cuda"), prompts(rows, "cuda")
-    model.cuda_graphs = False
-    want = model.generate(**inputs, max_new_tokens=10, eos_token_id=[])
-    beams_want = model.generate(**inputs, max_new_tokens=6, num_beams=2)
-    model.cuda_graphs = True
+    eager, graphed = Runtime(cuda_graphs=False), Runtime()
+    want = generate(model, **inputs, max_new_tokens=10, eos_token_id=[], runtime=eager)
+    beams_want = generate(model, **inputs, max_new_tokens=6, num_beams=2, runtime=eager)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead of decoding eagerly
-        first = model.generate(**inputs, max_new_tokens=10, eos_token_id=[])
-        second = model.generate(**inputs, max_new_tokens=10, eos_token_id=[])  # a new state: a new capture
-        beams = model.generate(**inputs, max_new_tokens=6, num_beams=2)        # beams stay eager
+        first = generate(model, **inputs, max_new_tokens=10, eos_token_id=[], runtime=graphed)
+        second = generate(model, **inputs, max_new_tokens=10, eos_token_id=[], runtime=graphed)  # a new capture
+        beams = generate(model, **inputs, max_new_tokens=6, num_beams=2, runtime=graphed)        # beams stay eager
     assert torch.equal(first, want) and torch.equal(second, want)
     assert torch.equal(beams, beams_want)
     assert len(set(want.flatten().tolist())) > 2, "the test model should not repeat one token"
@@ -143,15 +138,12 @@ def test_cuda_generate_with_graphs_equals_eager(rows, monkeypatch):
 @cuda
 def test_cuda_capture_failure_falls_back_to_eager(monkeypatch):
     """A step that synchronises with the host cannot be captured: generate() warns and decodes eagerly."""
-    monkeypatch.setattr(decode, "_capture_failed", False)
     model, inputs = tiny_model(1, device="cuda"), prompts(2, "cuda")
-    model.cuda_graphs = False
-    want = model.generate(**inputs, max_new_tokens=6, eos_token_id=[])
-    model.cuda_graphs = True
+    want = generate(model, **inputs, max_new_tokens=6, eos_token_id=[], runtime=Runtime(cuda_graphs=False))
     step = decode.decode_step
     monkeypatch.setattr(decode, "decode_step", lambda model, cache, tokens, *rest: (
         float(tokens.sum()), step(model, cache, tokens, *rest))[1])     # float(): a host sync inside the step
     with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
-        got = model.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+        got = generate(model, **inputs, max_new_tokens=6, eos_token_id=[], runtime=Runtime())
     assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the failed capture's stream is still current"
     assert torch.equal(got, want)

@@ -5,11 +5,10 @@ seed 3); here a fresh sample of seed 4 (training used seed 2), so a fake model o
 """
 
 import json
-from collections import Counter
-import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ import pytest
 import nanopali
 from nanopali import cli
 from nanopali.paths import DEFAULT_MODEL_DIR
-from nanopali.world import COLORS, NUMBERS, caption, make_scene
-from nanopali.world_eval import evaluate_world
+from nanopali.world.eval import evaluate_world
+from nanopali.world.examples import caption
+from nanopali.world.scenes import COLORS, NUMBERS, make_scene, scene_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 # The card's numbers (seed 3, 1000 scenes) minus a margin for a 100-scene sample (about 2.5 standard errors);
@@ -68,10 +68,10 @@ def test_detections_and_masks_land_on_the_objects(evaluated):
 
 
 def _example_captions(n: int) -> list[str]:
-    """True captions of examples/world-<i>.png (make_default_model.write_examples: seed 5, a word, 2+ objects)."""
+    """True captions of examples/world-<i>.png (world/recipe/data.write_examples: seed 5, a word, 2+ objects)."""
     truths, i = [], 0
     while len(truths) < n:
-        scene = make_scene(random.Random(f"world:5:{i}"), size=128)
+        scene = make_scene(scene_rng(5, i), size=128)
         i += 1
         if scene.word and len(scene.objects) >= 2:
             truths.append(caption(scene))

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from tiny_checkpoint import write_tiny_checkpoint
+
 import nanopali
 from nanopali import cli, paths
 
 ROOT = Path(__file__).resolve().parents[1]
-VAE = ROOT.parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE = ROOT / "tests" / "fixtures" / "vqvae" / "vae-random.npz"
 SHIPPED = ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
            "preprocessor_config.json", "vae-oid.npz", "README.md"]
 FAST = ["--dtype", "float32", "--max-new-tokens", "4", "--json"]
@@ -94,9 +94,10 @@ def test_wheel_and_sdist_ship_the_default_model_files(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     shutil.copy(ROOT / "README.md", tmp_path)
     shutil.copytree(ROOT / "nanopali", tmp_path / "nanopali", ignore=shutil.ignore_patterns("__pycache__", "default_model"))
-    (tmp_path / "nanopali" / "default_model").mkdir()
+    shipped = tmp_path / paths.DEFAULT_MODEL_DIR.resolve().relative_to(ROOT)  # nanopali/world/default_model
+    shipped.mkdir()
     for name in SHIPPED + ["notes.txt"]:
-        (tmp_path / "nanopali" / "default_model" / name).write_text("x")
+        (shipped / name).write_text("x")
     build = "from setuptools import build_meta as b; b.build_wheel('dist'); b.build_sdist('dist')"
     subprocess.run([sys.executable, "-c", build], cwd=tmp_path, check=True, capture_output=True, timeout=120)
     wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from nanopali.tasks import DetectedObject, ParsedObjects, box_to_locs, encode_box, parse_objects
-from nanopali.tasks.detection import CONVENTIONS
+from nanopali.tasks.locseg import CONVENTIONS
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae"
+REF = Path(__file__).resolve().parent / "fixtures" / "vqvae"
 W, H = 640, 480
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import assert_same_training, base, data, weights  # noqa: F401  (base, data are fixtures)
+
 from nanopali.train import TrainConfig, fit
 from nanopali.train import checkpoint as ckpt
 

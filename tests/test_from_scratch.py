@@ -1,16 +1,17 @@
 """Training from scratch: weight initialisation, the mask VQ-VAE trainer and the vision warm-up."""
 
 import copy
+
 import numpy as np
 import pytest
 import torch
 
 from nanopali import PaliGemma, PaliGemmaConfig, TextConfig, VisionConfig
-from nanopali.gemma import RMSNorm
+from nanopali.models.gemma import RMSNorm
 from nanopali.tasks import SegmentationVAE
-from nanopali.train.patch_warmup import warm_up_vision
-from nanopali.train.vqvae import train_vae
-from nanopali.world import shape_mask
+from nanopali.world.patch_warmup import warm_up_vision
+from nanopali.world.scenes import shape_mask
+from nanopali.world.vqvae import train_vae
 
 
 def tiny_config():

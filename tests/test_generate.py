@@ -4,11 +4,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
 from hf_reference import EOS, IMAGE_TOKEN, PAD, batch, hf_config, hf_generation_model
-from nanopali import PaliGemma
-from nanopali.decode import prefill
-from nanopali.sampling import choose, top_k_top_p
+
+from nanopali import PaliGemma, generate
+from nanopali.inference.decode import prefill
+from nanopali.inference.sampling import pick_token, top_k_top_p
 
 # (generation, kv heads, <eos> boost); the Gemma 2 window (6) is far shorter than prompt + new tokens
 CASES = {"pg1": (1, 1, 3.0), "pg2-window": (2, 2, 12.0)}
@@ -57,7 +57,7 @@ def test_greedy_equals_transformers(pair):
     hf, ours, cfg = pair
     inputs = prompts(cfg)
     ref = hf_generate(hf, inputs, max_new_tokens=20, do_sample=False)
-    got = ours.generate(**inputs, max_new_tokens=20)
+    got = generate(ours, **inputs, max_new_tokens=20)
     assert until_eos(got) == until_eos(ref)
     assert got.shape == ref.shape
     rows = until_eos(got)
@@ -72,9 +72,9 @@ def test_beam_search_equals_transformers(pair, num_beams, length_penalty):
     hf, ours, cfg = pair
     inputs = prompts(cfg, seed=1)
     ref = hf_generate(hf, inputs, max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty, do_sample=False)
-    got = ours.generate(**inputs, max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty)
+    got = generate(ours, **inputs, max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty)
     assert until_eos(got) == until_eos(ref)
-    assert until_eos(got) != until_eos(ours.generate(**inputs, max_new_tokens=12)), "beams should differ from greedy here"
+    assert until_eos(got) != until_eos(generate(ours, **inputs, max_new_tokens=12)), "beams should differ from greedy here"
 
 
 def test_cached_decoding_equals_uncached_forward(pair):
@@ -97,10 +97,10 @@ def test_cached_decoding_equals_uncached_forward(pair):
 def test_a_row_alone_equals_the_row_in_a_padded_batch(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
-    together = ours.generate(**inputs, max_new_tokens=10)
+    together = generate(ours, **inputs, max_new_tokens=10)
     for r in range(3):
         keep = inputs["attention_mask"][r].bool()
-        alone = ours.generate(inputs["input_ids"][r:r + 1, keep], inputs["pixel_values"][r:r + 1], max_new_tokens=10)
+        alone = generate(ours, inputs["input_ids"][r:r + 1, keep], inputs["pixel_values"][r:r + 1], max_new_tokens=10)
         assert until_eos(alone)[0] == until_eos(together[r:r + 1])[0]
 
 
@@ -111,20 +111,20 @@ def test_right_padding_generates_like_left_padding(pair):
     order = torch.argsort(left["attention_mask"], dim=1, descending=True, stable=True)  # move padding to the end
     right["input_ids"] = left["input_ids"].gather(1, order)
     right["attention_mask"] = left["attention_mask"].gather(1, order)
-    assert until_eos(ours.generate(**right, max_new_tokens=8)) == until_eos(ours.generate(**left, max_new_tokens=8))
+    assert until_eos(generate(ours, **right, max_new_tokens=8)) == until_eos(generate(ours, **left, max_new_tokens=8))
 
 
 def test_sampling_is_reproducible_and_temperature_zero_is_greedy(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95)
-    a = ours.generate(**inputs, generator=torch.Generator().manual_seed(7), **kw)
-    b = ours.generate(**inputs, generator=torch.Generator().manual_seed(7), **kw)
-    c = ours.generate(**inputs, generator=torch.Generator().manual_seed(8), **kw)
+    a = generate(ours, **inputs, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(ours, **inputs, generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(ours, **inputs, generator=torch.Generator().manual_seed(8), **kw)
     assert torch.equal(a, b)
     assert not torch.equal(a, c), "different seeds gave identical samples at temperature 1.5"
-    greedy = ours.generate(**inputs, max_new_tokens=10)
-    cold = ours.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=0.0, generator=torch.Generator().manual_seed(7))
+    greedy = generate(ours, **inputs, max_new_tokens=10)
+    cold = generate(ours, **inputs, max_new_tokens=10, do_sample=True, temperature=0.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(greedy, cold)
 
 
@@ -146,11 +146,11 @@ def test_never_generates_image_or_padding_rows(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
     with biased(ours, {IMAGE_TOKEN: 1000.0, 298: 500.0}):
-        got = ours.generate(**inputs, max_new_tokens=5, vocab_limit=298)
+        got = generate(ours, **inputs, max_new_tokens=5, vocab_limit=298)
         assert got.max() < 298
-        got = ours.generate(**inputs, max_new_tokens=5)  # no tokenizer: every row but <image> may be generated
+        got = generate(ours, **inputs, max_new_tokens=5)  # no tokenizer: every row but <image> may be generated
         assert (got == 298).all()
-        sampled = ours.generate(**inputs, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(0))
+        sampled = generate(ours, **inputs, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(0))
         assert (sampled == 298).all()
 
 
@@ -158,24 +158,24 @@ def test_min_new_tokens_and_eos(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
     with biased(ours, {1: 1000.0}):  # <eos> first, whatever the input
-        first = ours.generate(**inputs, max_new_tokens=6)
+        first = generate(ours, **inputs, max_new_tokens=6)
         assert first.tolist() == [[1]] * 3
-        later = ours.generate(**inputs, max_new_tokens=6, min_new_tokens=3)
+        later = generate(ours, **inputs, max_new_tokens=6, min_new_tokens=3)
         assert (later[:, :3] != 1).all() and (later[:, 3] == 1).all() and later.shape[1] == 4
     with biased(ours, {1: 2000.0, 7: 1000.0}):
-        assert ours.generate(**inputs, max_new_tokens=6, eos_token_id=7).tolist() == [[1] * 6] * 3
-        assert ours.generate(**inputs, max_new_tokens=6, eos_token_id=[7, 1]).tolist() == [[1]] * 3
+        assert generate(ours, **inputs, max_new_tokens=6, eos_token_id=7).tolist() == [[1] * 6] * 3
+        assert generate(ours, **inputs, max_new_tokens=6, eos_token_id=[7, 1]).tolist() == [[1]] * 3
 
 
 def test_logprobs_are_the_model_probabilities(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
-    out = ours.generate(**inputs, max_new_tokens=4, return_logprobs=True)
+    out = generate(ours, **inputs, max_new_tokens=4, return_logprobs=True)
     with torch.no_grad():
         logits, _ = prefill(ours, **inputs)
     expected = logits[:, :IMAGE_TOKEN].log_softmax(-1).gather(1, out.tokens[:, :1])[:, 0]
     torch.testing.assert_close(out.logprobs[:, 0], expected)
-    beams = ours.generate(**inputs, max_new_tokens=4, num_beams=2, return_logprobs=True)
+    beams = generate(ours, **inputs, max_new_tokens=4, num_beams=2, return_logprobs=True)
     assert beams.logprobs.shape == beams.tokens.shape and (beams.logprobs <= 0).all()
 
 
@@ -189,10 +189,10 @@ class CharTokenizer:
 def test_stop_strings_end_a_row(pair):
     _, ours, cfg = pair
     inputs = prompts(cfg)
-    plain = ours.generate(**inputs, max_new_tokens=12, eos_token_id=[])
+    plain = generate(ours, **inputs, max_new_tokens=12, eos_token_id=[])
     tok = CharTokenizer()
     stop = tok.decode(plain[0, 3:5].tolist())
-    stopped = ours.generate(**inputs, max_new_tokens=12, eos_token_id=[], stop_strings=[stop], tokenizer=tok)
+    stopped = generate(ours, **inputs, max_new_tokens=12, eos_token_id=[], stop_strings=[stop], tokenizer=tok)
     for r in range(3):
         ends = [k for k in range(1, 13) if stop in tok.decode(plain[r, :k].tolist())]
         k = ends[0] if ends else 12
@@ -209,9 +209,9 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     sorted_p, order = probs.sort(-1, descending=True)
     n_nucleus = ((sorted_p.cumsum(-1) - sorted_p) < 0.7).sum(-1)
     for _ in range(300):
-        t = choose(logits, do_sample=True, top_k=5, generator=g)
+        t = pick_token(logits, do_sample=True, top_k=5, generator=g)
         assert all(t[r] in allowed_k[r] for r in range(4))
-        t = choose(logits, do_sample=True, top_p=0.7, generator=g)
+        t = pick_token(logits, do_sample=True, top_p=0.7, generator=g)
         assert all(t[r] in order[r, : n_nucleus[r]] for r in range(4))
     kept = torch.isfinite(top_k_top_p(logits, top_p=0.7)).sum(-1)
     assert torch.equal(kept, n_nucleus)
@@ -223,4 +223,4 @@ def test_a_prompt_longer_than_the_model_takes_is_an_error(pair):
     inputs = prompts(cfg)
     limit = ours.config.text_config.max_position_embeddings
     with pytest.raises(ValueError, match=f"but this model takes at most {limit}"):
-        ours.generate(**inputs, max_new_tokens=limit)
+        generate(ours, **inputs, max_new_tokens=limit)

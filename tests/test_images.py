@@ -17,8 +17,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from nanopali.images import (
-    ImageError, ImageNotFoundError, ImageTooLargeError, load_image, pixel_values, preprocess, to_rgb,
+from nanopali.inputs.images import (
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    load_image,
+    pixel_values,
+    preprocess,
+    to_rgb,
 )
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from transformers import PaliGemmaForConditionalGeneration
-
 from test_distributed import torchrun
 from test_train import assert_same_training, base, data, weights  # noqa: F401  (base, data are fixtures)
+from transformers import PaliGemmaForConditionalGeneration
+
 from nanopali import PaliGemma, Processor
 from nanopali.train import TrainConfig, fit, lora
 from nanopali.train import checkpoint as ckpt

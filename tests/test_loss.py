@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from hf_reference import batch, hf_config, hf_model
+
 from nanopali import PaliGemma
-from nanopali.weights import canonical_key
+from nanopali.io.hf_checkpoint import canonical_key
 
 
 def with_labels(inputs):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from hf_reference import batch, hf_config, hf_logits, hf_model
+
 from nanopali import PaliGemma
 
 CASES = {  # name: (generation, kv heads)

@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from tiny_checkpoint import write_tiny_checkpoint
+
 import nanopali
+from nanopali import generate
+from nanopali.inference.generate import tokenizer_settings
 from nanopali.pipeline import Detection, Segmentation
 from nanopali.tasks import SegmentationVAE, parse_objects
 
-VAE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE = Path(__file__).resolve().parent / "fixtures" / "vqvae" / "vae-random.npz"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,8 @@ def test_detect_score_is_the_geometric_mean_of_token_probabilities(pali, image):
     text = "<loc0100><loc0200><loc0800><loc0900> cat"
     batch = pali.processor(images=[image], prompts=["detect cat"])
     with scripted(pali, text, bias=12.0) as ids:  # likely, but far from certain
-        out = pali.model.generate(**batch, max_new_tokens=10, return_logprobs=True)
+        out = generate(pali.model, **batch, max_new_tokens=10, return_logprobs=True,
+                       **tokenizer_settings(pali.processor.tokenizer))  # as the pipeline: the tokenizer's vocabulary
     assert out.tokens[0].tolist() == ids  # the object's tokens, then <eos>
     expected = out.logprobs[0, :-1].mean().exp().item()
     assert 0.01 < expected < 0.99
@@ -128,8 +131,9 @@ def test_a_model_on_the_gpu_answers_as_on_the_cpu(pali, image, monkeypatch):
 
 def test_fast_false_is_the_plain_decode_step_on_every_device(pali):
     """load(fast=False), the CLI's --no-fast: no compiled CPU kernel and no CUDA graph."""
-    from nanopali.gemma import Linear
-    plain = nanopali.load(pali.model_dir, fast=False).model
-    assert pali.model.cuda_graphs and not plain.cuda_graphs
-    assert all(m.fast for m in pali.model.modules() if isinstance(m, Linear))
-    assert not any(m.fast for m in plain.modules() if isinstance(m, Linear))
+    from nanopali.inference.cpu_kernels import FastLinear
+    plain = nanopali.load(pali.model_dir, fast=False)
+    assert pali.runtime.cuda_graphs and not plain.runtime.cuda_graphs
+    assert pali.runtime.kernels.enabled and not plain.runtime.kernels.enabled
+    assert any(isinstance(m, FastLinear) for m in pali.model.modules())
+    assert not any(isinstance(m, FastLinear) for m in plain.model.modules())

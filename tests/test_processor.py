@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import _spm
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import _spm
 from nanopali.config import PaliGemmaConfig, VisionConfig
-from nanopali.images import ImageError, ImageTooLargeError
-from nanopali.processor import Processor
-from nanopali.tokenizer import Tokenizer
+from nanopali.inputs.images import ImageError, ImageTooLargeError
+from nanopali.inputs.processor import Processor
+from nanopali.inputs.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers")  # numpy 2 notices from transformers
 

@@ -1,12 +1,27 @@
-"""int8 / int4 weight-only quantization (quantize.py): close to the float model, fast and plain paths agree, never saved."""
+"""int8 / int4 weight-only quantization (inference/quantize.py): close to the float model, fast and plain paths agree, never saved."""
 
 import pytest
 import torch
-
 from hf_reference import batch, hf_config, hf_model
-from nanopali import PaliGemma, fast
-from nanopali.quantize import Int4Linear, Int8Embedding, Int8Linear, int4_group, quantize, quantize_groups, quantize_rows
-from test_fast import decode_logits
+from test_cpu_kernels import decode_logits
+
+from nanopali import PaliGemma, prepare
+from nanopali.inference.quantize import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int4_group,
+    quantize,
+    quantize_groups,
+    quantize_rows,
+    quantized_mode,
+)
+
+
+def quantized(path, mode: str, dtype=torch.bfloat16, **options):
+    """The checkpoint loaded and quantized (with the CPU kernels unless cpu_kernels=False), and its runtime."""
+    model = PaliGemma.from_pretrained(path, dtype=dtype)
+    return model, prepare(model, quantize=mode, **options)
 
 
 def test_rows_round_trip_within_half_a_step():
@@ -52,12 +67,12 @@ def test_int8_logits_close_to_bf16(checkpoint):
     path, cfg = checkpoint
     inputs = batch(cfg)
     ref = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
-    q8 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    q8, runtime = quantized(path, "int8")
     layer = q8.decoder.layers[0]
     assert isinstance(layer.mlp.down_proj, Int8Linear) and isinstance(q8.decoder.embed_tokens, Int8Embedding)
     assert layer.self_attn.q_proj.weight.dtype == torch.int8
     with torch.no_grad():
-        want, got = decode_logits(ref, inputs), decode_logits(q8, inputs)
+        want, got = decode_logits(ref, inputs), decode_logits(q8, inputs, runtime=runtime)
         full_want = ref(**{**inputs, "pixel_values": inputs["pixel_values"].bfloat16()}).logits
         full_got = q8(**{**inputs, "pixel_values": inputs["pixel_values"].bfloat16()}).logits
     # the decode steps follow each model's own greedy tokens; compare the prefill logits and the full forward
@@ -69,11 +84,11 @@ def test_int8_logits_close_to_bf16(checkpoint):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_fast_and_plain_paths_agree(checkpoint, mode):
     path, cfg = checkpoint
-    model = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize=mode)
     inputs = batch(cfg)
     with torch.no_grad():
-        plain = decode_logits(fast.enable(model, False), inputs)
-        quick = decode_logits(fast.enable(model, True), inputs)
+        plain = decode_logits(*quantized(path, mode, cpu_kernels=False)[:1], inputs)
+        model, runtime = quantized(path, mode)
+        quick = decode_logits(model, inputs, runtime=runtime)
     assert (quick - plain).abs().max() <= 0.02 * plain.abs().amax()
     assert torch.equal(quick.argmax(-1), plain.argmax(-1))
 
@@ -82,14 +97,13 @@ def test_int4_logits_close_to_bf16(checkpoint):
     path, cfg = checkpoint
     inputs = batch(cfg)
     ref = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
-    q4 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
-    q8 = PaliGemma.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
-    assert q4.quantized == "int4" and isinstance(q4.decoder.embed_tokens, Int8Embedding)
+    (q4, runtime4), (q8, runtime8) = quantized(path, "int4"), quantized(path, "int8")
+    assert quantized_mode(q4) == "int4" and isinstance(q4.decoder.embed_tokens, Int8Embedding)
     for layer in q4.decoder.layers:  # this model's sizes all fit the kernel: every linear layer is int4
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
             assert isinstance(module, Int4Linear) and module.weight.dtype == torch.uint8
     with torch.no_grad():
-        want, got4, got8 = (decode_logits(m, inputs)[0] for m in (ref, q4, q8))
+        want, got4, got8 = (decode_logits(m, inputs, runtime=r)[0] for m, r in ((ref, None), (q4, runtime4), (q8, runtime8)))
     # 16 levels per group instead of 255 per row: one layer's output keeps cosine ~0.998 (uniform weights:
     # error step / sqrt(12) = 1/15 of the weights' std); 21 such layers in a row of these models end at
     # 0.979-0.991 (a wrong packing layout or scale convention gives ~0)
@@ -100,12 +114,12 @@ def test_int4_logits_close_to_bf16(checkpoint):
 
 def test_quantized_model_refuses_to_save_and_bad_modes_are_named(checkpoint, tmp_path):
     path, _ = checkpoint
-    q8 = PaliGemma.from_pretrained(path, quantize="int8")  # fp32 checkpoint weights quantize too
+    q8, _ = quantized(path, "int8", dtype=torch.float32)  # fp32 checkpoint weights quantize too
     with pytest.raises(ValueError, match="quantized to int8.*without quantize="):
         q8.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(q8)
     with pytest.raises(ValueError, match="unknown quantization 'int3'; choose one of int8, int4"):
-        PaliGemma.from_pretrained(path, quantize="int3")
+        prepare(PaliGemma.from_pretrained(path), quantize="int3")
     with pytest.raises(ValueError, match="int4 group size 100 is not one of"):
         quantize(PaliGemma.from_pretrained(path), "int4", group_size=100)

@@ -1,5 +1,5 @@
 """nanopali.tasks.segmentation against outputs of Google's big_vision code on a random checkpoint in the real
-vae-oid.npz key layout (../shared/reference/vqvae/, whose README describes every array).
+vae-oid.npz key layout (tests/fixtures/vqvae/, whose README describes every array).
 
 decoder_ref.npz: decoder outputs <= 1e-5 and the set-0 intermediates; encoder_ref.npz/.json: identical indices
 and token strings, the 64x64 encoder input to 1e-5; paste_ref.npz: identical pasted masks and boxes;
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from nanopali.tasks import SegmentationVAE, encode_segmentation, find_checkpoint, parse_objects, paste_mask
-from nanopali.tasks.segmentation import crop_to_64, paste_soft_mask, read_npz, resize_logits
+from nanopali.tasks.vqvae import crop_to_64, paste_soft_mask, read_npz, resize_logits
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae"
+REF = Path(__file__).resolve().parent / "fixtures" / "vqvae"
 
 
 @pytest.fixture(scope="module")

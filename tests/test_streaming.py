@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
 from tiny_checkpoint import write_tiny_checkpoint
-from nanopali import PaliGemma, Processor, stream
-from nanopali.generate import generate_tokens
-from nanopali.streaming import IncrementalDecoder
+
+from nanopali import PaliGemma, Processor, generate, stream
+from nanopali.inference.detokenize import IncrementalDecoder
+from nanopali.inference.generate import generate_tokens, tokenizer_settings
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +55,16 @@ def test_stream_refuses_beams(tiny, image):
 def test_padding_rows_past_the_tokenizer_are_never_generated(tiny, image):
     model, processor = tiny
     real = processor.tokenizer.vocab_size
-    assert model.vocab_limit == real < model.config.text_config.vocab_size
+    settings = tokenizer_settings(processor.tokenizer)
+    assert settings["vocab_limit"] == real < model.config.text_config.vocab_size
     batch = processor(images=[image], prompts=["caption en"])
     original = model.decoder.logits
     model.decoder.logits = lambda h: original(h).index_add(-1, torch.tensor([real + 2]), torch.full((*h.shape[:-1], 1), 1e4))
     try:
-        assert model.generate(**batch, max_new_tokens=6).max() < real
-        sampled = model.generate(**batch, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(0))
+        assert generate(model, **batch, max_new_tokens=6, **settings).max() < real
+        sampled = generate(model, **batch, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(0),
+                           **settings)
         assert sampled.max() < real
-        assert model.generate(**batch, max_new_tokens=2, vocab_limit=real + 6).tolist() == [[real + 2] * 2]
+        assert generate(model, **batch, max_new_tokens=2, vocab_limit=real + 6).tolist() == [[real + 2] * 2]
     finally:
         del model.decoder.logits

@@ -10,10 +10,10 @@ import json
 import random
 import shutil
 
+import _spm
 import pytest
 
-import _spm
-from nanopali.tokenizer import Tokenizer, TokenizerError
+from nanopali.inputs.tokenizer import Tokenizer, TokenizerError
 
 TEXTS = [
     "", " ", "caption en", "answer en what is in this image?", " leading space", "trailing space ",

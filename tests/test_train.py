@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_checkpoint import write_tiny_checkpoint
 from transformers import PaliGemmaForConditionalGeneration
 
-from tiny_checkpoint import write_tiny_checkpoint
-from nanopali import PaliGemma, Processor
+from nanopali import PaliGemma, Processor, generate
 from nanopali.train import RECIPES, DataError, JsonlDataset, TrainConfig, apply_recipe, fit
 from nanopali.train import checkpoint as ckpt
 
@@ -55,7 +55,7 @@ def test_overfits_and_then_generates_the_suffixes(base, data, tmp_path):
     for line in data.read_text().splitlines():
         ex = json.loads(line)
         batch = processor(images=[data.parent / ex["image"]], prompts=[ex["prefix"]])
-        ids = model.generate(**batch, max_new_tokens=12)
+        ids = generate(model, **batch, max_new_tokens=12)
         assert processor.decode(ids[0].tolist()) == ex["suffix"]
 
 
@@ -221,7 +221,7 @@ def test_bf16_autocast_trains_close_to_float32(base, data, tmp_path):
 
 
 def test_detection_metrics_use_the_parser():
-    from nanopali.train.evaluate import detection_scores
+    from nanopali.train.metrics import detection_scores
     truth = "<loc0000><loc0000><loc0512><loc0512> cat ; <loc0512><loc0512><loc1023><loc1023> dog"
     exact, n = detection_scores(truth, truth, (100, 100))
     assert exact == [1.0, 1.0] and n == 2
@@ -240,7 +240,7 @@ def patch_examples(data) -> list[dict]:
 
 
 def run_aux(base, examples, out, weight: float | None, **kw):
-    from nanopali.train.patch_warmup import PatchLoss
+    from nanopali.world.patch_warmup import PatchLoss
     torch.manual_seed(7)
     auxiliary = PatchLoss(32, (3, 2), background_weight=0.5, weight=weight) if weight is not None else None
     options = dict(model=str(base), out=str(out), steps=6, batch_size=2, lr=3e-3, warmup_steps=2, seed=1)
@@ -274,8 +274,10 @@ def test_auxiliary_patch_loss_trains_its_heads_and_the_tower_only_through_its_we
         assert torch.equal(state["module"][k], v)
 
 
-def test_auxiliary_loss_resumes_exactly_and_refuses_a_mismatched_resume(base, data, tmp_path):
-    from nanopali.train.patch_warmup import PatchLoss
+def test_auxiliary_loss_resumes_exactly_and_refuses_a_mismatched_resume(base, data, tmp_path, monkeypatch):
+    from nanopali.world.patch_warmup import PatchLoss
+    loaded, load = [], PaliGemma.from_pretrained  # every model fit trains, to check its hooks at the end
+    monkeypatch.setattr(PaliGemma, "from_pretrained", lambda *args, **kw: loaded.append(load(*args, **kw)) or loaded[-1])
     examples = patch_examples(data)
     straight, straight_heads, _ = run_aux(base, examples, tmp_path / "a", 1.0)
     out = tmp_path / "b"
@@ -295,3 +297,5 @@ def test_auxiliary_loss_resumes_exactly_and_refuses_a_mismatched_resume(base, da
     with pytest.raises(ValueError, match="16 patches and there are 3 label groups"):
         fit(TrainConfig(model=str(base), out=str(tmp_path / "d"), steps=1, batch_size=4), train_data=examples,
             auxiliary=PatchLoss(32, (3, 2, 2)))
+    # fit removes its forward hook from the vision tower when it returns, and when it stops on an error
+    assert len(loaded) >= 6 and not any(m.vision._forward_hooks for m in loaded)

@@ -5,7 +5,6 @@ import io
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,13 @@ import torch
 
 from nanopali.tasks import SegmentationVAE, parse_objects
 from nanopali.train import JsonlDataset
-from nanopali.world import COLORS, POSITIONS, SHAPES, WORDS, detection, examples, make_scene, patch_labels
+from nanopali.world import recipe
+from nanopali.world.examples import detection, examples
+from nanopali.world.recipe import stages
+from nanopali.world.scenes import COLORS, POSITIONS, SHAPES, WORDS, make_scene, patch_labels, scene_rng
 
 ROOT = Path(__file__).resolve().parents[1]
-VAE_PATH = ROOT.parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE_PATH = ROOT / "tests" / "fixtures" / "vqvae" / "vae-random.npz"
 SEEDS = range(40)
 
 
@@ -269,9 +271,8 @@ def test_word_probe_averages_the_image_tokens_over_the_word_patches():
 
 
 def test_recipe_examples_repeat_per_task_and_carry_their_scenes_patch_labels(tmp_path):
-    """make_default_model.WorldExamples: each example listed repeat[task] times, with its own scene's image and
+    """recipe.WorldExamples: each example listed repeat[task] times, with its own scene's image and
     (for the auxiliary loss) per-patch labels; the card names each later cycle's auxiliary loss."""
-    recipe = _script("make_default_model")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 5, (3, 4, 3))
@@ -285,15 +286,14 @@ def test_recipe_examples_repeat_per_task_and_carry_their_scenes_patch_labels(tmp
         assert np.array_equal(np.asarray(item["image"]), images[scene])
         assert np.array_equal(item["patch_labels"], labels[scene])
     assert "patch_labels" not in recipe.WorldExamples(tmp_path / "d.npz")[0]
-    lines = [recipe._cycle_line(k, cycle) for k, cycle in enumerate(recipe.MORE)]
+    lines = [recipe.cycle_line(k, cycle) for k, cycle in enumerate(recipe.MORE)]
     assert ["auxiliary loss" in line for line in lines] == [bool(c.get("patch_loss")) for c in recipe.MORE]
 
 
 def test_recipe_reading_cycles_carry_the_previous_cycles_heads(tmp_path):
-    """make_default_model.patch_loss: none for a cycle without "patch_loss"; for a reading cycle, fresh heads
+    """recipe.patch_loss: none for a cycle without "patch_loss"; for a reading cycle, fresh heads
     seeded by the cycle (the same twice) after a checkpoint trained without them, else that checkpoint's heads."""
     from nanopali.train import checkpoint
-    recipe = _script("make_default_model")
     plain, first, second = recipe.MORE[0], recipe.MORE[-2], recipe.MORE[-1]
     before, after = tmp_path / "before", tmp_path / "after"
     before.mkdir(), after.mkdir()
@@ -319,7 +319,6 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     are trained, the first from DIR, each next one from the last one's result; a DIR outside a run directory
     named like the recipe's is refused."""
     from nanopali.train import checkpoint
-    recipe = _script("make_default_model")
     trained = []
 
     def fake_fit(config, train_data, auxiliary=None):
@@ -329,14 +328,14 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
         torch.save({"step": config.steps}, done / checkpoint.STATE_FILE)
         return done
 
-    monkeypatch.setattr(recipe, "fit", fake_fit)
-    monkeypatch.setattr(recipe, "stage_data", lambda work, split="train": work / f"data-{split}.npz")
-    monkeypatch.setattr(recipe, "WorldExamples", lambda path, *args, **kwargs: [path.name])
+    monkeypatch.setattr(stages, "fit", fake_fit)
+    monkeypatch.setattr(stages, "stage_data", lambda work, split="train": work / f"data-{split}.npz")
+    monkeypatch.setattr(stages, "WorldExamples", lambda path, *args, **kwargs: [path.name])
     start = tmp_path / recipe.RUNS[-3] / "checkpoint-000010"
     start.mkdir(parents=True)
     (start / "config.json").write_text("{}")
     torch.save({"step": 10}, start / checkpoint.STATE_FILE)
-    last = recipe.stage_more(tmp_path, start)
+    last = stages.stage_more(tmp_path, start)
     data = [f"data-{recipe.MORE[k].get('data', 'train')}.npz" for k in (-2, -1)]  # each cycle on its own split
     assert trained == [(recipe.RUNS[-2], start, recipe.MORE[-2]["steps"], True, data[0]),
                        (recipe.RUNS[-1], tmp_path / recipe.RUNS[-2] / f"checkpoint-{recipe.MORE[-2]['steps']:06d}",
@@ -346,33 +345,32 @@ def test_recipe_more_continues_after_a_start_checkpoint(tmp_path, monkeypatch):
     elsewhere.mkdir(parents=True)
     (elsewhere / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="run directory"):
-        recipe.stage_more(tmp_path, elsewhere)
+        stages.stage_more(tmp_path, elsewhere)
     with pytest.raises(SystemExit, match="last cycle"):  # nothing after it: an error, not a silent no-op
-        recipe.stage_more(tmp_path, last)
+        stages.stage_more(tmp_path, last)
     with pytest.raises(SystemExit):  # --start without --stage more alone would also train from scratch
-        recipe.main(["--work", str(tmp_path), "--start", str(start)])
+        _script("make_default_model").main(["--work", str(tmp_path), "--start", str(start)])
     assert trained[2:] == []
 
 
 def test_recipe_fresh_split_holds_the_training_seeds_next_scenes(tmp_path, monkeypatch):
-    """make_default_model.stage_data("fresh"): scenes FIRST_SCENE["fresh"]... of the training seed (no split
+    """stages.stage_data("fresh"): scenes FIRST_SCENE["fresh"]... of the training seed (no split
     shares a scene with another), stored from index 0, each example pointing at its own scene's image."""
-    from nanopali.tasks.segmentation import CHECKPOINT_NAME
-    from nanopali.world import caption
-    recipe = _script("make_default_model")
-    monkeypatch.setitem(sys.modules, "make_default_model", recipe)  # the data stage's worker pool pickles by name
-    ranges = sorted((recipe.FIRST_SCENE[s], recipe.FIRST_SCENE[s] + recipe.N_SCENES[s], recipe.SEEDS[s])
-                    for s in recipe.N_SCENES)
+    from nanopali.paths import DEFAULT_MODEL_DIR
+    from nanopali.tasks.vqvae import CHECKPOINT_NAME
+    from nanopali.world.examples import caption
+    ranges = sorted((stages.FIRST_SCENE[s], stages.FIRST_SCENE[s] + stages.N_SCENES[s], stages.SEEDS[s])
+                    for s in stages.N_SCENES)
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # no scene in two splits
-    assert {seed for *_, seed in ranges} == {recipe.SEEDS["train"]}
-    monkeypatch.setattr(recipe, "N_SCENES", {"fresh": 3})
-    monkeypatch.setattr(recipe, "FIRST_SCENE", {"fresh": 7})
-    vae = ROOT / "nanopali" / "default_model" / CHECKPOINT_NAME
-    monkeypatch.setattr(recipe, "stage_vae", lambda work: vae)
-    data = np.load(recipe.stage_data(tmp_path, "fresh"))
-    assert data["images"].shape == (3, recipe.IMAGE_SIZE, recipe.IMAGE_SIZE, 3)
+    assert {seed for *_, seed in ranges} == {stages.SEEDS["train"]}
+    monkeypatch.setattr(stages, "N_SCENES", {"fresh": 3})
+    monkeypatch.setattr(stages, "FIRST_SCENE", {"fresh": 7})
+    vae = DEFAULT_MODEL_DIR / CHECKPOINT_NAME
+    monkeypatch.setattr(stages, "stage_vae", lambda work: vae)
+    data = np.load(stages.stage_data(tmp_path, "fresh"))
+    assert data["images"].shape == (3, stages.IMAGE_SIZE, stages.IMAGE_SIZE, 3)
     for k in range(3):
-        scene = make_scene(random.Random(f"world:{recipe.SEEDS['train']}:{7 + k}"), size=recipe.IMAGE_SIZE)
+        scene = make_scene(scene_rng(stages.SEEDS["train"], 7 + k), size=stages.IMAGE_SIZE)
         assert np.array_equal(data["images"][k], np.asarray(scene.image))
         captions = [s for i, p, s in zip(data["scene"], data["prefix"], data["suffix"]) if i == k and p == "caption en"]
         assert captions == [caption(scene)]

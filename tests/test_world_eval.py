@@ -1,21 +1,21 @@
 """world_eval: held-out toy-world metrics, checked with scripted models whose right answer we know."""
 
 import math
-import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from tiny_checkpoint import write_tiny_checkpoint
+
 import nanopali
 from nanopali.tasks import parse_objects
-from nanopali.world import COLORS, POSITIONS, SHAPES, description, examples, make_scene
-from nanopali.world_eval import TASKS, detection_map50, evaluate_world, task_of
+from nanopali.world.eval import TASKS, detection_map50, evaluate_world, task_of
+from nanopali.world.examples import description, examples
+from nanopali.world.scenes import COLORS, POSITIONS, SHAPES, make_scene, scene_rng
 
-VAE_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE_PATH = Path(__file__).resolve().parent / "fixtures" / "vqvae" / "vae-random.npz"
 N, SEED, SIZE = 12, 5, 128
 
 
@@ -41,7 +41,7 @@ class MemoryVAE:
 def scenes(n=N, seed=SEED, vae=None):
     out = []
     for i in range(n):
-        rng = random.Random(f"world:{seed}:{i}")
+        rng = scene_rng(seed, i)
         scene = make_scene(rng, size=SIZE)
         out.append((scene, examples(scene, rng, vae)))
     return out

@@ -4,18 +4,19 @@ and the same ids as transformers' PaliGemmaProcessor reading the same files."""
 import random
 from pathlib import Path
 
+import _spm
 import pytest
 import torch
 
-import _spm
 from nanopali import Processor, Tokenizer
-from nanopali.processor import IGNORE_INDEX
+from nanopali.inputs.processor import IGNORE_INDEX
+from nanopali.inputs.tokenizer import LOC_TOKENS, SEG_TOKENS
 from nanopali.tasks import SegmentationVAE
-from nanopali.tokenizer import LOC_TOKENS, SEG_TOKENS
-from nanopali.world import COLORS, NUMBERS, POSITIONS, SHAPES, WORDS, examples, make_scene
-from nanopali.world_tokenizer import DEFAULT_VOCAB_SIZE, NUM_BYTES, USER_DEFINED, train_world_tokenizer
+from nanopali.world.examples import examples
+from nanopali.world.scenes import COLORS, NUMBERS, POSITIONS, SHAPES, WORDS, make_scene
+from nanopali.world.tokenizer import DEFAULT_VOCAB_SIZE, NUM_BYTES, USER_DEFINED, train_world_tokenizer
 
-VAE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vqvae" / "vae-random.npz"
+VAE_PATH = Path(__file__).resolve().parent / "fixtures" / "vqvae" / "vae-random.npz"
 N_SCENES = 150  # training scenes: enough for every world word to get its merges, trained in about a second
 IMAGE_SIZE, NUM_IMAGE_TOKENS = 64, 4
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers")  # numpy 2 notices from transformers

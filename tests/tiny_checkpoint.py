@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _spm
 import torch
 
-import _spm
 from nanopali import PaliGemma, PaliGemmaConfig, Tokenizer
 from nanopali.config import TextConfig, VisionConfig
 

@@ -3,16 +3,22 @@
     objs = parse_objects(text, image_size=(W, H), vae=SegmentationVAE.from_npz("vae-oid.npz"))
     draw(image, objs, "out.png")
 
-detection.py parses `<loc>`/`<seg>` strings and encodes boxes and masks back; segmentation.py holds the
+locseg.py parses `<loc>`/`<seg>` strings and encodes boxes and masks back; vqvae.py holds the
 VQ-VAE and mask pasting; drawing.py draws objects on the image.
 """
 
-from .detection import (
-    CONVENTIONS, DetectedObject, DroppedObject, ParsedObjects, box_to_locs, encode_box, encode_segmentation,
+from nanopali.tasks.drawing import draw
+from nanopali.tasks.locseg import (
+    CONVENTIONS,
+    DetectedObject,
+    DroppedObject,
+    ParsedObjects,
+    box_to_locs,
+    encode_box,
+    encode_segmentation,
     parse_objects,
 )
-from .drawing import draw
-from .segmentation import SegmentationVAE, find_checkpoint, paste_mask, paste_soft_mask
+from nanopali.tasks.vqvae import SegmentationVAE, find_checkpoint, paste_mask, paste_soft_mask
 
 __all__ = [
     "CONVENTIONS", "DetectedObject", "DroppedObject", "ParsedObjects", "SegmentationVAE", "box_to_locs", "draw",

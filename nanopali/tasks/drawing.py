@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..images import load_image
+from nanopali.errors import MissingFileError
+from nanopali.inputs.images import load_image
 
 # Google's colours (the ones the PaliGemma Space uses) first, then more distinct hues.
 PALETTE = [
@@ -94,6 +95,6 @@ def draw(image, objects: Sequence, out_path: str | Path | None = None, alpha: fl
     if out_path is not None:
         out_path = Path(out_path)
         if not out_path.parent.is_dir():
-            raise FileNotFoundError(f"cannot save the drawing to {out_path}: {out_path.parent} is not a directory")
+            raise MissingFileError(f"cannot save the drawing to {out_path}: {out_path.parent} is not a directory")
         canvas.save(out_path, format="PNG")
     return canvas

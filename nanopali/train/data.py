@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from nanopali.errors import DataError, MissingFileError
+
 FIELDS = ("image", "prefix", "suffix")
-
-
-class DataError(ValueError):
-    """A training example that cannot be used."""
 
 
 @dataclass
@@ -41,7 +39,7 @@ class JsonlDataset(Sequence):
     def __init__(self, path: str | Path, skip_bad: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"training data {self.path} does not exist")
+            raise MissingFileError(f"training data {self.path} does not exist")
         self.examples: list[Example] = []
         self.skipped: list[str] = []
         for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..weights import canonical_key, checkpoint_files
-from .recipes import RECIPES
+from nanopali.errors import UsageError
+from nanopali.io.hf_checkpoint import canonical_key, checkpoint_files
+from nanopali.train.recipes import RECIPES
 
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -51,7 +52,7 @@ def target_pattern(targets) -> str:
     """A regex over full module names matching the targeted linear layers of the decoder only."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown or list(targets)}; choose among {', '.join(TARGETS)}")
+        raise UsageError(f"unknown LoRA targets {unknown or list(targets)}; choose among {', '.join(TARGETS)}")
     alternatives = "|".join(f"{TARGETS[t]}\\.{t}" for t in sorted(set(targets)))
     return rf"language_model\.model\.layers\.\d+\.({alternatives})"
 
@@ -69,11 +70,11 @@ def apply(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     Returns the names of the trainable parameters.
     """
     if rank < 1:
-        raise ValueError(f"lora_rank must be >= 1 to use LoRA, got {rank}")
+        raise UsageError(f"lora_rank must be >= 1 to use LoRA, got {rank}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
+        raise UsageError(f"lora_dropout must be in [0, 1), got {dropout}")
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+        raise UsageError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
     peft = _peft()
     full = () if recipe == "full" else RECIPES[recipe]  # "full" + LoRA = adapters alone (see the docstring)
     also = {id(p) for n, p in model.named_parameters() if any(fnmatchcase(n, pattern) for pattern in full)}

@@ -19,6 +19,8 @@ from fnmatch import fnmatchcase
 
 import torch
 
+from nanopali.errors import UsageError
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "full": ("*",),
     "freeze-vision": ("multi_modal_projector.*", "language_model.*"),
@@ -35,7 +37,7 @@ def _matches(name: str, patterns) -> bool:
 def apply_recipe(model: torch.nn.Module, recipe: str) -> list[str]:
     """Freeze every parameter the recipe does not name; return the names left trainable."""
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+        raise UsageError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(_matches(name, RECIPES[recipe]))
@@ -57,7 +59,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_scal
         group["params"].append(p)
         group["names"].append(name)
     if not groups:
-        raise ValueError("no trainable parameters: the recipe froze everything")
+        raise UsageError("no trainable parameters: the recipe froze everything")
     return list(groups.values())
 
 

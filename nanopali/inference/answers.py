@@ -1,0 +1,56 @@
+"""From images and prompts to answer texts, the one path: processor -> the model's device -> generate -> decode.
+
+    answers = generate_answers(model, processor, images, prompts, runtime=runtime, max_new_tokens=32)
+    answers[0].text, answers[0].spans       # spans: ((start, end) in text, logprob) per generated token
+
+The pipeline, the training-time evaluator and streaming (through `model_inputs`) all go through here, so
+the batch always reaches the weights' device and <eos>/padding are cut the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanopali.inference.detokenize import IncrementalDecoder
+from nanopali.inference.generate import generate, tokenizer_settings
+from nanopali.inference.runtime import Runtime
+from nanopali.models.paligemma import PaliGemma
+
+
+@dataclass
+class Answer:
+    text: str
+    spans: list[tuple[tuple[int, int], float]] = field(default_factory=list)  # per token: (start, end), logprob
+    new_tokens: int = 0
+
+
+def model_inputs(model: PaliGemma, processor, images: list, prompts: list[str], padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """The processor's batch for loaded images and one prompt each, on the model's device (no labels)."""
+    batch = processor(images=images, prompts=prompts, padding_side=padding_side)
+    return {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+
+
+def decode_answer(tokenizer, ids: list[int], logprobs: list[float]) -> Answer:
+    """The text of generated ids up to <eos> or padding, and where each token's text lies in it."""
+    decoder, spans = IncrementalDecoder(lambda x: tokenizer.decode(x, skip_special_tokens=True)), []
+    for i, lp in zip(ids, logprobs):
+        if i in (tokenizer.eos_id, tokenizer.pad_id):
+            break
+        begin = len(decoder.emitted)
+        decoder.push(i)
+        spans.append(((begin, max(begin + 1, len(decoder.emitted))), lp))
+    decoder.finish()
+    return Answer(decoder.emitted, spans, len(spans))
+
+
+@torch.no_grad()
+def generate_answers(model: PaliGemma, processor, images: list, prompts: list[str], runtime: Runtime | None = None,
+                     **generate_kwargs) -> list[Answer]:
+    """One answer per (image, prompt); generate_kwargs are `generate`'s (the tokenizer's ids are the defaults)."""
+    tokenizer = processor.tokenizer
+    batch = model_inputs(model, processor, images, prompts)
+    out = generate(model, **batch, return_logprobs=True, runtime=runtime,
+                   **{**tokenizer_settings(tokenizer), **generate_kwargs})
+    return [decode_answer(tokenizer, ids, lps) for ids, lps in zip(out.tokens.tolist(), out.logprobs.tolist())]

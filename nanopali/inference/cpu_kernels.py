@@ -1,0 +1,364 @@
+"""CPU inference kernels for a loaded model: one-row matrix products for decoding, fused elementwise ops.
+
+    kernels = CpuKernels()                      # one per prepared model (inference/runtime.py owns it)
+    kernels.linear(x, weight, scale=None)       # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N)
+    kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps)
+    install(model, kernels)                     # swap the decoder's and vision MLPs' modules for Fast* ones
+
+A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Two
+one-row paths exist, "loop" (inductor's compiled (x · w).sum(-1): one vectorised pass over each weight
+row) and "library" (torch's F.linear / int8pack kernel); which is faster depends on the processor, so a
+StepChooser times whole decode steps under each and keeps the faster. Large inference tensors get gelu,
+GeGLU and RMSNorm as one compiled fp32 pass. Autograd, small tensors and `CpuKernels(enabled=False)`
+take the plain ops. A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanopali.models.gemma import TiedEmbedding
+from nanopali.models.paligemma import PaliGemma
+from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
+from nanopali.nn.norms import RMSNorm, rms_norm
+
+MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
+MAX_K = 4096    # longest row the compiled loop takes (longer: the fp32 row no longer fits L1 beside the weight)
+TRIALS = 3      # timed decode steps of each one-row path before the faster one is kept
+ELEMENTWISE_MIN = 1 << 19  # tensors smaller than this take the eager elementwise ops
+MEASURE_MIN_PARAMS = 50_000_000  # smaller decoders take the library path without timing the loop
+INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpacking + F.linear
+SCRATCH_MAX = 1 << 26    # elements: larger dequantized weights (a vocabulary head) get a fresh tensor
+HALF = (torch.bfloat16, torch.float16)
+PATHS = ("loop", "library")
+
+
+def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x (M, K) · weight (N, K) of any dtype [· fp32 scale (N,)] -> (M, N) in dtype: one pass over the weight.
+    x comes in fp32 (converted once, outside): converting it inside would redo it for every weight row."""
+    y = (x[:, None, :] * weight[None].float()).sum(-1)                  # (M, N), accumulated in fp32
+    return (y if scale is None else y * scale).to(dtype)
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) and fp32 scale (N,) -> out (N, K), in out's dtype, in one fused pass."""
+    return out.copy_((weight.float() * scale[:, None]).to(out.dtype))
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """torch's CPU int4 packing (`torch._convert_weight_to_int4pack_for_cpu`, uint8 (N, K / 2)) -> uint8 (N, K) in 0..15.
+
+    The layout, as torch 2.13 writes it, with B = `int4_block()` rows per block (64 with AVX-512, 32 with
+    AVX2): each block K runs of B/2 bytes whose low nibbles are the block's rows 0..B/2-1 and high nibbles
+    rows B/2..B-1; the last N % B rows (a multiple of 16) K runs of (N % B) / 2 bytes, even rows in the low
+    nibbles, odd rows in the high ones. quantize.py checks every packed matrix against this, so a changed
+    layout fails loudly at load time.
+    """
+    B = int4_block()
+    flat = packed.reshape(-1)
+    full, tail = N - N % B, N % B
+    blocks = flat[: full * K // 2].view(full // B, K, B // 2)                         # (N/B, K, B/2)
+    head = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, K)
+    if not tail:
+        return head
+    runs = flat[full * K // 2:].view(K, tail // 2)                                    # (K, tail/2)
+    rest = torch.stack([runs & 15, runs >> 4], dim=2).reshape(K, tail).t()            # (tail, K)
+    return torch.cat([head, rest])
+
+
+@functools.cache
+def int4_block() -> int:
+    """The rows per block of torch's int4 packing on this processor (its kernel's vector width decides)."""
+    q = torch.arange(64 * 32, dtype=torch.int32).view(64, 32) % 16
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2).reshape(-1)
+    first_run = torch.cat([packed[:32] & 15, packed[:32] >> 4])  # rows 0.. of column 0 if B = 64
+    return 64 if torch.equal(first_run, q[:, 0].to(torch.uint8)) else 32
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 (N, K / 2) and (K / G, N, 2) scales and zeros -> (N, K) in dtype: w = (q - 8) · scale + zero."""
+    groups, N, _ = scales_and_zeros.shape
+    K = packed.numel() * 2 // N
+    q = unpack_int4(packed, N, K).view(N, groups, K // groups).float() - 8             # (N, K/G, G)
+    scale, zero = scales_and_zeros.float().permute(2, 1, 0)                           # (N, K/G) each
+    return (q * scale[..., None] + zero[..., None]).view(N, K).to(dtype)
+
+
+def _gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x) = x·(1 + tanh(z))/2 with z = √(2/π)·(x + 0.044715·x³), written as x·sigmoid(2z): the same
+    function, which inductor vectorises better than its tanh."""
+    return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x) in fp32, rounded once to x.dtype."""
+    return _gelu_sigmoid(x.float()).to(x.dtype)
+
+
+def _geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) · up in fp32, rounded once to gate.dtype."""
+    return (_gelu_sigmoid(gate.float()) * up.float()).to(gate.dtype)
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain path: F.linear, int8 weights dequantized eagerly (a transient copy of one matrix)."""
+    if weight.dtype == torch.int8:
+        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
+    return F.linear(x, weight) if scale is None else F.linear(x, weight) * scale.to(x.dtype)
+
+
+def _inference_cpu(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
+class StepChooser:
+    """Picks the one-row path by timing whole decode steps: `run(step, kernels)` calls step() under a path;
+    the first 2 * (TRIALS + 1) calls alternate between the paths (the loop first; each path's first call
+    compiles and is not counted), later ones take the faster median. `measure=False` takes the library
+    path from the start (a small model is not bound by its weights' bandwidth, and compiling costs seconds)."""
+
+    def __init__(self, measure: bool = True):
+        self.measure = measure
+        self.times: dict[str, list[float]] = {p: [] for p in PATHS}
+        self.choice: str | None = None if measure else "library"
+
+    def run(self, step, kernels: "CpuKernels"):
+        if kernels.forced or self.choice:
+            with kernels.using(kernels.forced or self.choice):
+                return step()
+        path = min(PATHS, key=lambda p: len(self.times[p]))
+        start = time.perf_counter()
+        with kernels.using(path):
+            out = step()
+        self.times[path].append(time.perf_counter() - start)
+        if kernels.broken:                                                    # the loop could not be compiled
+            self.choice = "library"
+        elif all(len(t) > TRIALS for t in self.times.values()):
+            self.choice = min(PATHS, key=lambda p: statistics.median(self.times[p][1:]))
+        return out
+
+
+class CpuKernels:
+    """The kernels and their state for one prepared model: compiled functions, the one-row path in force,
+    an optional forced path, the step chooser and per-thread scratch buffers for dequantized weights.
+
+    enabled=False: every call takes the plain ops (the debugging switch, `--no-fast`).
+    force="loop" | "library": every one-row product takes that path and no step is timed.
+    """
+
+    def __init__(self, enabled: bool = True, measure: bool = True, force: str | None = None):
+        if force not in (*PATHS, None):
+            raise ValueError(f"force must be 'loop', 'library' or None, not {force!r}")
+        self.enabled, self.forced = enabled, force
+        self.chooser = StepChooser(measure)
+        self.path = "library"        # the one-row path in force outside a timed step
+        self.broken = False          # set when compiling failed once: plain ops from then on
+        self._compiled: dict[tuple, object] = {}
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- plumbing
+
+    @contextmanager
+    def using(self, path: str):
+        """Run the one-row products inside the block on `path`, unless a path is forced."""
+        before, self.path = self.path, path
+        try:
+            yield
+        finally:
+            self.path = before
+
+    def run_step(self, step):
+        """A decode step under the chooser's path (timed while it is still choosing)."""
+        return self.chooser.run(step, self) if self.enabled else step()
+
+    def _run(self, fn, *args):
+        """Call the compiled `fn` (once per function and weight dtype); None if compilation is unavailable."""
+        if self.broken:
+            return None
+        key = (fn.__name__, args[1].dtype if fn is _matvec else args[0].dtype)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=True)
+        try:
+            return self._compiled[key](*args)
+        except Exception as e:  # no C++ compiler, unsupported platform, ...
+            self.broken = True
+            warnings.warn(f"nanopali.inference.cpu_kernels: compiling a kernel failed ({type(e).__name__}: {e}); "
+                          "using plain PyTorch ops from now on", RuntimeWarning, stacklevel=3)
+            return None
+
+    def scratch(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A per-thread buffer for a dequantized weight: reusing memory avoids faulting in fresh pages each call."""
+        if shape[0] * shape[1] > SCRATCH_MAX:
+            return torch.empty(shape, dtype=dtype)
+        buffers = self._local.__dict__.setdefault("scratch", {})
+        if (shape, dtype) not in buffers:
+            buffers[shape, dtype] = torch.empty(shape, dtype=dtype)
+        return buffers[shape, dtype]
+
+    # ---------------------------------------------------------------- products
+
+    def takes_one_row(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether linear(x, weight) takes the one-row path (the loop or the library kernel)."""
+        return (self.enabled and _inference_cpu(x) and x.numel() == weight.shape[-1]
+                and (weight.dtype == torch.int8 or weight.dtype in HALF))
+
+    def _library(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if weight.dtype == torch.int8 and hasattr(torch, "_weight_int8pack_mm"):
+            return torch._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+        return plain_linear(x, weight, scale)
+
+    def _one_row(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if (self.forced or self.path) == "loop" and weight.shape[-1] <= MAX_K:
+            y = self._run(_matvec, x.float(), weight.detach(), scale, x.dtype)  # detach: one compile for both
+            if y is not None:
+                return y
+        return self._library(x, weight, scale)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) @ weight (N, K)ᵀ, times scale (N,) if given, in x.dtype."""
+        *lead, K = x.shape
+        N = weight.shape[0]
+        rows = x.numel() // K
+        if self.takes_one_row(x, weight):
+            return self._one_row(x.reshape(1, K), weight, scale).view(*lead, N)
+        if (weight.dtype == torch.int8 and self.enabled and _inference_cpu(x) and x.dtype in HALF + (torch.float32,)
+                and hasattr(torch, "_weight_int8pack_mm")):
+            if rows <= MAX_ROWS:
+                return self._library(x.reshape(rows, K), weight, scale).view(*lead, N)
+            w = self._run(_dequantize, weight, scale, self.scratch(tuple(weight.shape), x.dtype))
+            if w is not None:
+                return F.linear(x, w)
+        return plain_linear(x, weight, scale)
+
+    def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        """x (..., K) @ the int4 weight (N, K)ᵀ (quantize.Int4Linear's buffers) -> (..., N) in x.dtype."""
+        *lead, K = x.shape
+        groups, N, _ = scales_and_zeros.shape
+        rows = x.numel() // K
+        if self.enabled and _inference_cpu(x) and rows <= (INT4_KERNEL_ROWS if x.dtype == torch.bfloat16 else 4):
+            return torch._weight_int4pack_mm_for_cpu(x.reshape(-1, K), packed, K // groups,
+                                                     scales_and_zeros.to(x.dtype)).view(*lead, N)
+        return F.linear(x, dequantize_int4(packed, scales_and_zeros, x.dtype))  # a transient copy
+
+    # ---------------------------------------------------------------- elementwise
+
+    def _elementwise(self, x: torch.Tensor) -> bool:
+        return self.enabled and _inference_cpu(x) and x.numel() >= ELEMENTWISE_MIN
+
+    def gelu(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """gelu_tanh(x), times `up` (same shape) if given: fused and compiled for large inference tensors."""
+        if self._elementwise(x):
+            y = self._run(_gelu, x.reshape(-1)) if up is None else self._run(_geglu, x.reshape(-1), up.reshape(-1))
+            if y is not None:
+                return y.view(x.shape)
+        y = gelu_tanh(x)
+        return y if up is None else y * up
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """nn.norms.rms_norm of x (..., D), as one compiled pass for large inference tensors."""
+        if self._elementwise(x):
+            y = self._run(rms_norm, x.reshape(-1, x.shape[-1]), weight.detach(), eps)
+            if y is not None:
+                return y.view(x.shape)
+        return rms_norm(x, weight, eps)
+
+
+PLAIN = CpuKernels(enabled=False)  # stateless when disabled: what unprepared quantized layers use
+
+
+# -------------------------------------------------------------------- the modules install() puts in
+
+
+class FastLinear(nn.Module):
+    """A bias-free nn.Linear (the same `weight` Parameter) whose products take `kernels.linear`."""
+
+    def __init__(self, linear: nn.Linear, kernels: CpuKernels):
+        super().__init__()
+        self.weight, self.kernels = linear.weight, kernels
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels.takes_one_row(x, self.weight):
+            return self.kernels.linear(x, self.weight)
+        return F.linear(x, self.weight)
+
+
+class FastEmbedding(nn.Module):
+    """The tied embedding (the same `weight`) whose output head takes `kernels.linear`."""
+
+    def __init__(self, embedding: TiedEmbedding, kernels: CpuKernels):
+        super().__init__()
+        self.weight, self.kernels = embedding.weight, kernels
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(h, self.weight)
+
+
+class FastRMSNorm(nn.Module):
+    def __init__(self, norm: RMSNorm, kernels: CpuKernels):
+        super().__init__()
+        self.weight, self.eps, self.kernels = norm.weight, norm.eps, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+class FastGeGLU(nn.Module):
+    """GeGLU with the same projections, gelu(gate)·up fused."""
+
+    def __init__(self, mlp: GeGLU, kernels: CpuKernels):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.kernels = mlp.gate_proj, mlp.up_proj, mlp.down_proj, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.kernels.gelu(self.gate_proj(x), self.up_proj(x)))
+
+
+class FastGeluMLP(nn.Module):
+    """SigLIP's MLP with the same layers, its gelu fused."""
+
+    def __init__(self, mlp: GeluMLP, kernels: CpuKernels):
+        super().__init__()
+        self.fc1, self.fc2, self.kernels = mlp.fc1, mlp.fc2, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.kernels.gelu(self.fc1(x)))
+
+
+def _replacement(module: nn.Module, kernels: CpuKernels, in_decoder: bool) -> nn.Module | None:
+    if type(module) is GeGLU:
+        return FastGeGLU(module, kernels)
+    if type(module) is GeluMLP:
+        return FastGeluMLP(module, kernels)
+    if type(module) is RMSNorm:
+        return FastRMSNorm(module, kernels)
+    if in_decoder and type(module) is nn.Linear and module.bias is None:
+        return FastLinear(module, kernels)
+    return None
+
+
+def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:
+    """Replace, in place, the modules of a PaliGemma that have a fast form: the decoder's linears, norms and
+    GeGLUs, its tied head, and the vision tower's MLPs. Parameters and state-dict keys stay as they were."""
+    decoder = model.decoder
+    for root, in_decoder in ((decoder, True), (model.vision, False)):
+        for _, parent in reversed(list(root.named_modules())):  # children first: a FastGeGLU gets FastLinears
+            for child_name, child in list(parent.named_children()):
+                new = _replacement(child, kernels, in_decoder)
+                if new is not None:
+                    setattr(parent, child_name, new)
+    if type(decoder.embed_tokens) is TiedEmbedding:  # an Int8Embedding already takes the kernels
+        decoder.embed_tokens = FastEmbedding(decoder.embed_tokens, kernels)
+    return model

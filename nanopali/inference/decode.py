@@ -1,0 +1,115 @@
+"""Cached decoding mechanics: prefill the prefix into a static KV cache, then one token per row per step.
+
+    logits, state = prefill(model, input_ids, pixel_values, attention_mask, token_type_ids, runtime=...)
+    logits = state.step(model, tokens)                 # (B,) -> next-token logits (B, V) in float32
+
+The prefix (image + <bos> + prompt + "\\n") is run once with bidirectional prefix attention; every
+generated token is a causal suffix token. All masks come from nn.masks.prefix_lm_mask over the cache
+slots, so the decode step has static shapes (B, 1, 1, S): on CUDA it is replayed as a CUDA graph
+(cuda_graph.py), on CPU it runs on the path the runtime's kernels chose (runtime.py). Padding may be on
+either side: the first new token is predicted from each row's last real token and positions count real
+tokens only. Strategies (greedy, sampling, beams) live in generate.py / beam.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanopali.errors import UsageError
+from nanopali.inference.cuda_graph import GraphedStep, capture
+from nanopali.inference.kv_cache import KVCache
+from nanopali.inference.runtime import Runtime
+from nanopali.models.paligemma import PaliGemma
+from nanopali.nn.masks import positions_of, prefix_lm_inputs, prefix_lm_mask
+
+
+@dataclass
+class DecodeState:
+    """Everything the decode step needs besides the model: the cache and what each slot holds."""
+
+    cache: KVCache
+    kv_valid: torch.Tensor   # bool (B, S): slot holds a real token
+    kv_prefix: torch.Tensor  # bool (B, S): slot holds a prefix token
+    kv_pos: torch.Tensor     # long (B, S): RoPE position of each slot's token
+    positions: torch.Tensor  # long (B,): RoPE position of the next token
+    slot: int                # next free slot (shared by all rows)
+    runtime: Runtime = field(default_factory=Runtime)
+    cuda_graph: bool = False             # replay the step as a CUDA graph (prefill sets it on CUDA)
+    graph: GraphedStep | None = None     # captured at the first step
+
+    def step(self, model: PaliGemma, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B,) as suffix tokens; return the next-token logits (B, V) in float32."""
+        if self.slot >= self.cache.max_len:
+            raise RuntimeError(f"KV cache full ({self.cache.max_len} slots)")
+        slots = torch.full((1,), self.slot, dtype=torch.long, device=self.kv_valid.device)  # no host-device sync
+        self.kv_valid[:, self.slot] = True
+        self.kv_pos[:, self.slot] = self.positions
+        masks = {w: prefix_lm_mask(self.kv_valid, self.kv_prefix, self.kv_pos, slots, w) for w in model.decoder.windows}
+        inputs = (tokens, self.positions, masks, slots)
+        graphed = self.cuda_graph and not torch.is_grad_enabled()  # a graph replays no autograd history
+        if graphed and self.graph is None:
+            self.graph = capture(self.runtime, lambda *args: decode_step(model, self.cache, *args), *inputs)
+            self.cuda_graph = self.graph is not None
+        if graphed and self.graph is not None:
+            logits = self.graph(*inputs)
+        else:
+            logits = self.runtime.run_step(lambda: decode_step(model, self.cache, *inputs))
+        self.positions = self.positions + 1
+        self.slot += 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cuda_graph, self.graph = False, None  # new cache tensors: a graph would write to the old ones
+        self.cache.reorder(rows)
+        self.kv_valid, self.kv_prefix = self.kv_valid[rows], self.kv_prefix[rows]
+        self.kv_pos, self.positions = self.kv_pos[rows], self.positions[rows]
+
+
+def prefill(model: PaliGemma, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, max_new_tokens: int = 0,
+            rows_per_input: int = 1, runtime: Runtime | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """Run the prompt through the model, filling a cache with room for max_new_tokens more.
+
+    rows_per_input > 1 repeats every row (beam search) after the prefill. Returns the logits of the
+    token after each row's last real token (B * rows_per_input, V) and the decode state.
+    """
+    attention_mask, token_type_ids = prefix_lm_inputs(input_ids, attention_mask, token_type_ids)
+    B, T = input_ids.shape
+    device = input_ids.device
+    valid = attention_mask.bool()
+    if not valid.any(-1).all():
+        raise ValueError("a row of attention_mask is all zeros: nothing to generate from")
+    S = T + max_new_tokens
+    limit = model.config.text_config.max_position_embeddings
+    if S > limit:
+        raise UsageError(f"the prompt is {T} tokens and {max_new_tokens} new tokens were asked for: {S} positions, "
+                         f"but this model takes at most {limit}")
+    kv_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    kv_valid[:, :T] = valid
+    kv_prefix = torch.zeros_like(kv_valid)
+    kv_prefix[:, :T] = valid & (token_type_ids == 0)
+    x = model.embed(input_ids, pixel_values)
+    cache = KVCache(model.decoder.config, B, S, x.dtype, device)
+    kv_pos = torch.zeros(B, S, dtype=torch.long, device=device)
+    positions = kv_pos[:, :T] = positions_of(attention_mask)
+    slots = torch.arange(T, device=device)
+    masks = {w: prefix_lm_mask(kv_valid, kv_prefix, kv_pos, slots, w) for w in model.decoder.windows}
+    h = model.decoder(x, positions, masks, cache, slots)                      # (B, T, D)
+    last = T - 1 - valid.flip(-1).long().argmax(-1)                          # (B,) index of the last real token
+    logits = model.decoder.logits(h[torch.arange(B, device=device), last][:, None])[:, -1].float()
+    runtime = runtime or Runtime()
+    state = DecodeState(cache, kv_valid, kv_prefix, kv_pos, valid.sum(-1) + 1, T, runtime,
+                        cuda_graph=device.type == "cuda" and runtime.cuda_graphs and not runtime.cuda_graph_failed)
+    if rows_per_input > 1:
+        rows = torch.arange(B, device=device).repeat_interleave(rows_per_input)
+        state.reorder(rows)
+        logits = logits[rows]
+    return logits, state
+
+
+def decode_step(model: PaliGemma, cache: KVCache, tokens, positions, masks, slots) -> torch.Tensor:
+    """One cached forward: tokens (B,) at RoPE positions (B,), written to cache slots (1,), attending
+    with masks {window: bool (B, 1, 1, S)} -> the next-token logits (B, V) in float32."""
+    h = model.decoder(model.decoder.embed(tokens[:, None]), positions[:, None], masks, cache, slots)  # (B, 1, D)
+    return model.decoder.logits(h)[:, -1].float()

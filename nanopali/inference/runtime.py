@@ -1,0 +1,47 @@
+"""How a loaded model runs inference: one object with every runtime choice, and `prepare` that applies them.
+
+    runtime = prepare(model, quantize="int8", cpu_kernels=True, cuda_graphs=True)
+    tokens = generate(model, **batch, runtime=runtime)
+
+The model files are plain PyTorch; speed-ups are transforms of a loaded model: quantize.py and
+cpu_kernels.install replace modules (same parameters), and the Runtime holds what the decode loop needs
+to know (the CPU kernels' state and step chooser, whether to replay decode steps as CUDA graphs). A model
+that was never prepared runs with `Runtime()`: its own modules, CUDA graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanopali.inference.cpu_kernels import MEASURE_MIN_PARAMS, PLAIN, CpuKernels, install
+from nanopali.inference.quantize import quantize as quantize_model
+from nanopali.models.paligemma import PaliGemma
+
+
+@dataclass
+class Runtime:
+    kernels: CpuKernels = field(default_factory=lambda: PLAIN)  # the CPU kernels the model's modules use
+    cuda_graphs: bool = True            # on CUDA, capture the decode step once and replay it (cuda_graph.py)
+    cuda_graph_failed: bool = False     # set when a capture failed: later steps run eagerly, without retrying
+
+    def run_step(self, step):
+        """Run one decode step (a zero-argument function) on the CPU kernels' chosen one-row path."""
+        return self.kernels.run_step(step)
+
+
+def prepare(model: PaliGemma, quantize: str | None = None, cpu_kernels: bool = True, cuda_graphs: bool = True,
+            force_path: str | None = None) -> Runtime:
+    """Make a loaded PaliGemma ready for inference, in place, and return its Runtime.
+
+    quantize="int8" | "int4": the decoder's weights (quantize.py). cpu_kernels=False keeps torch's plain ops
+    and cuda_graphs=False an eager decode step: together, the debugging switch (`--no-fast`).
+    force_path="loop" | "library": the one-row product path, instead of timing both (cpu_kernels.py).
+    """
+    decoder_params = sum(p.numel() for p in model.decoder.parameters())
+    kernels = CpuKernels(enabled=cpu_kernels, measure=decoder_params >= MEASURE_MIN_PARAMS, force=force_path)
+    if quantize is not None:
+        quantize_model(model, quantize, kernels=kernels)
+    if cpu_kernels:
+        install(model, kernels)
+    model.eval()
+    return Runtime(kernels=kernels, cuda_graphs=cuda_graphs)

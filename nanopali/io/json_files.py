@@ -1,0 +1,23 @@
+"""Reading the small JSON files of a checkpoint directory: processor, tokenizer and model settings.
+
+Every such file is optional (a missing one reads as {}), and a broken one is an error that names the file,
+raised as the caller's own error class so each loader keeps reporting its problems its way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_json(file: Path, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `file` ({} when there is no such file); `error` when it is not valid JSON or not an object."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
