@@ -13,6 +13,7 @@ Named published sizes live in `nanopali/registry.py`.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -69,6 +70,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        _check_fields(self, "vision_config", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "image_size", "patch_size"), ("layer_norm_eps",))
+        if self.num_channels != 3 or isinstance(self.num_channels, bool):
+            raise ConfigError(f"vision_config.num_channels is {self.num_channels!r}; PaliGemma takes RGB images (3 channels)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.image_size % self.patch_size:
@@ -113,6 +118,18 @@ class TextConfig:
     eos_token_id: int = 1
 
     def __post_init__(self):
+        _check_fields(self, "text_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "max_position_embeddings"), ("rms_norm_eps", "rope_theta"),
+                      optional_ints=("sliding_window",),
+                      optional_numbers=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"text_config.{name} must be a token id in 0..{self.vocab_size - 1} "
+                                  f"(vocab_size {self.vocab_size}), got {value!r}")
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ConfigError(f"text_config.layer_types must be a list, found {json_kind(self.layer_types)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
         if not self.layer_types:
@@ -152,6 +169,8 @@ class PaliGemmaConfig:
             self.vision_config = VisionConfig(**self.vision_config)
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig(**self.text_config)
+        if not _is_int(self.image_token_index) or self.image_token_index < 0:
+            raise ConfigError(f"image_token_index must be a token id (an integer >= 0), got {self.image_token_index!r}")
 
     @property
     def num_image_tokens(self) -> int:
@@ -169,6 +188,8 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "PaliGemmaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: config.json must hold a JSON object, found {json_kind(d)}")
         if d.get("model_type") != "paligemma":
             raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'paligemma'")
         for key in ("vision_config", "text_config"):
@@ -194,7 +215,10 @@ class PaliGemmaConfig:
         if d.get("tie_word_embeddings", True) is False or d["text_config"].get("tie_word_embeddings", True) is False:
             raise ConfigError(f"{source}: tie_word_embeddings is false; PaliGemma ties lm_head to the token embedding")
         image_token = d.get("image_token_index", d.get("image_token_id", 256000))  # 256000: transformers' default
-        return cls(vision_config=vision, text_config=text, image_token_index=image_token)
+        try:
+            return cls(vision_config=vision, text_config=text, image_token_index=image_token)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         v, t = self.vision_config, self.text_config
@@ -227,12 +251,15 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "PaliGemmaConfig":
+        """The config.json of a checkpoint directory (or a config file's own path)."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
         try:
-            d = json.loads(file.read_text())
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}: not a JSON text file (it is not UTF-8 text; is it a binary file?)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return cls.from_hf_dict(d, source=str(file))
@@ -249,6 +276,39 @@ def _warn_unknown(d: dict, source: str, section: str) -> None:
         warnings.warn(f"{source}: ignoring unknown {section}keys {unknown}", stacklevel=3)
 
 
+def json_kind(value) -> str:
+    """How a JSON value reads in a message: 'null', 'a list', 'a string', 'a number', 'true'…"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(config, section: str, ints=(), numbers=(), optional_ints=(), optional_numbers=()) -> None:
+    """Sizes are positive integers and eps/theta/scales positive finite numbers (None allowed for optional ones)."""
+    for names, test, what, optional in ((ints, _is_int, "a positive integer", False),
+                                         (numbers, _is_number, "a positive number", False),
+                                         (optional_ints, _is_int, "a positive integer or null", True),
+                                         (optional_numbers, _is_number, "a positive number or null", True)):
+        for name in names:
+            value = getattr(config, name)
+            if optional and value is None:
+                continue
+            if not test(value) or value <= 0:
+                raise ConfigError(f"{section}.{name} must be {what}, got {value!r}")
+
+
 def _pick(d: dict, defaults: dict) -> dict:
     return {k: d.get(k, default) for k, default in defaults.items()}
 
@@ -263,7 +323,10 @@ def _vision_from_hf(d: dict, source: str) -> VisionConfig:
     if act not in _GELU_TANH:
         raise ConfigError(f"{source}: vision_config.hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
     _warn_unknown(d, source, "vision_config ")
-    return VisionConfig(**_pick(d, _SIGLIP_DEFAULTS))
+    try:
+        return VisionConfig(**_pick(d, _SIGLIP_DEFAULTS))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _text_from_hf(d: dict, source: str) -> TextConfig:
@@ -274,9 +337,12 @@ def _text_from_hf(d: dict, source: str) -> TextConfig:
     defaults = _GEMMA_DEFAULTS if model_type == "gemma" else _GEMMA2_DEFAULTS
     kw = _pick(d, defaults)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source}: text_config.rope_parameters must be an object, found {json_kind(rope)}")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (Gemma uses default RoPE)")
-    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", kw["rope_theta"])))
+    theta = rope.get("rope_theta", d.get("rope_theta", kw["rope_theta"]))
+    kw["rope_theta"] = float(theta) if _is_number(theta) else theta  # anything else: TextConfig names it
     for key in ("hidden_activation", "hidden_act"):
         if d.get(key) is not None and d[key] not in _GELU_TANH:
             raise ConfigError(f"{source}: text_config.{key} {d[key]!r} is not supported (Gemma uses tanh-approximated GELU)")
@@ -285,8 +351,11 @@ def _text_from_hf(d: dict, source: str) -> TextConfig:
     if model_type == "gemma2":
         kw.update(post_norms=True)
         if d.get("layer_types"):
-            kw["layer_types"] = list(d["layer_types"])
+            kw["layer_types"] = d["layer_types"]  # TextConfig checks it is a list of known names
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(d.get(key), int):
             kw[key] = d[key]
-    return TextConfig(model_type=model_type, **kw)
+    try:
+        return TextConfig(model_type=model_type, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

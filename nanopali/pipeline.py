@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
 from nanopali.inference.answers import generate_answers
 from nanopali.inference.runtime import Runtime, prepare
 from nanopali.inference.streaming import stream
 from nanopali.inputs.images import load_image
 from nanopali.inputs.processor import Processor
+from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.models.paligemma import PaliGemma
 from nanopali.paths import default_model_dir
 from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
@@ -59,15 +61,18 @@ class Objects(list):
         self.text, self.dropped = text, list(dropped)  # dropped: DroppedObject(text, reason, span)
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
          vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
+    `dtype` may be named ("bfloat16", "bf16", "float32"…); `device` and `dtype` are checked before any file is
+    read: "cuda" without a GPU torch can see, a misspelt device or a non-float dtype is a UsageError.
     """
-    path = default_model_dir() if path is None else Path(path)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    path = checkpoint_dir(default_model_dir() if path is None else path)
     model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
     runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
     processor = Processor.from_pretrained(path)
@@ -88,18 +93,29 @@ class Pali:
     def generate(self, images, prompts, **kwargs) -> str | list[str]:
         """Answer one prompt per image; a single image and prompt give a str, lists give a list."""
         batch = _load_images(images)
-        prompts = [prompts] * len(batch) if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(batch)
+        elif not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise UsageError(f"prompts must be a string or a list of strings, got {_kind(prompts)}")
+        elif len(prompts) != len(batch):
+            raise UsageError(f"got {len(prompts)} prompts for {len(batch)} images; give one prompt per image (or one string)")
         texts = [text for text, _ in self.generate_spans(batch, prompts, "generate", **kwargs)]
         return texts if isinstance(images, list) else texts[0]
 
     def stream(self, image, prompt: str, **kwargs) -> Iterator[str]:
+        """The answer to one prompt as text pieces; the prompt and options are checked when this is called."""
+        if not isinstance(prompt, str):
+            raise UsageError(f"prompt must be a string, got {_kind(prompt)}")
         kwargs.setdefault("max_new_tokens", TASK_TOKENS["generate"])
         return stream(self.model, self.processor, load_image(image), prompt, runtime=self.runtime, **kwargs)
 
     def caption(self, images, lang: str = "en", **kwargs):
+        _check_string("lang", lang)
         return self._text(images, f"caption {lang}", "caption", **kwargs)
 
     def answer(self, images, question: str, lang: str = "en", **kwargs):
+        _check_string("question", question)
+        _check_string("lang", lang)
         return self._text(images, f"answer {lang} {question}", "answer", **kwargs)
 
     def ocr(self, images, **kwargs):
@@ -133,6 +149,8 @@ class Pali:
         return texts if isinstance(images, list) else texts[0]
 
     def _objects(self, images, task: str, labels, convention: str, **kwargs) -> list[ParsedObjects]:
+        if not isinstance(labels, (str, list, tuple)) or not all(isinstance(x, str) for x in labels):
+            raise UsageError(f"labels must be a string or a list of strings, got {_kind(labels)}")
         labels = [labels] if isinstance(labels, str) else list(labels)
         if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
             raise UsageError(f"{task} needs one or more non-empty labels, got {labels!r}")
@@ -155,8 +173,23 @@ class Pali:
         return [(a.text, a.spans) for a in answers]
 
 
+def _kind(value) -> str:
+    """The type of a wrong argument, with the element types of a list ("int", "list of int")."""
+    if isinstance(value, (list, tuple)):
+        inner = sorted({type(x).__name__ for x in value})
+        return f"{type(value).__name__} of {', '.join(inner)}" if inner else f"empty {type(value).__name__}"
+    return type(value).__name__
+
+
+def _check_string(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be a string, got {_kind(value)}")
+
+
 def _load_images(images) -> list:
     """One image or a list of them -> a list of RGB PIL images (each loaded once)."""
+    if isinstance(images, list) and not images:
+        raise UsageError("no images were given (an empty list)")
     return [load_image(im) for im in (images if isinstance(images, list) else [images])]
 
 

@@ -54,7 +54,9 @@ def _photo(name: str) -> Image.Image:
 
 
 def _modes(photo: Image.Image) -> dict[str, Image.Image]:
-    """The photo in each mode PIL can hold it in, with partial transparency where the mode has any."""
+    """The photo in each 8-bit mode PIL can hold it in (and I, 32-bit integer, with values 0..255), with partial
+    transparency where the mode has any. The 16-bit and float modes are read differently from transformers on
+    purpose: test_sixteen_bit_and_float_pixels_arrive_the_same_every_way."""
     rgb = to_rgb(photo)
     w, h = rgb.size
     alpha = Image.fromarray((np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w)).astype(np.uint8))  # a diagonal ramp
@@ -63,11 +65,10 @@ def _modes(photo: Image.Image) -> dict[str, Image.Image]:
     la.putalpha(alpha)
     png = io.BytesIO()
     rgb.quantize(64).save(png, format="PNG", transparency=5)
-    wide = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257) >> np.uint16(3)  # 16-bit values up to 8191
     return {
         "original": photo, "RGB": rgb, "RGBA": rgba, "LA": la, "L": rgb.convert("L"), "P": rgb.quantize(64),
         "P+transparency": Image.open(io.BytesIO(png.getvalue())), "CMYK": rgb.convert("CMYK"),
-        "I;16": Image.fromarray(wide), "1": rgb.convert("1"), "I": rgb.convert("I"), "F": rgb.convert("F"),
+        "1": rgb.convert("1"), "I": rgb.convert("I"),
     }
 
 
@@ -112,6 +113,66 @@ def test_other_array_kinds():
     tiny = np.arange(3 * 4 * 3, dtype=np.uint8).reshape(3, 4, 3)
     assert load_image(tiny).size == (4, 3)
     assert load_image(torch.from_numpy(tiny)).size == (3, 4)
+
+
+def _png16(gray16: np.ndarray, rgb: bool = False) -> bytes:
+    """A 16-bit grayscale (or, with `rgb`, 16-bit RGB: gray in all three channels) PNG, written by hand (PIL writes no
+    16-bit RGB PNG)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = gray16.shape
+    pixels = np.repeat(gray16[..., None], 3, -1) if rgb else gray16
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if rgb else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_and_float_pixels_arrive_the_same_every_way(tmp_path):
+    """A 16-bit picture gives the same pixel values as a PNG file (gray or RGB), a PIL I;16 / I;16B image, a uint16
+    array or tensor (v >> 8, as PIL reads 16-bit RGB PNGs); within one level of its 8-bit version, and exactly that
+    for 257 * x. Float pixels in [0, 1] (PIL F, numpy, torch) are round(v * 255)."""
+    rng = np.random.default_rng(0)
+    gray16 = (np.add.outer(np.arange(40), np.arange(50)) * 700 + rng.integers(0, 300, (40, 50))).astype(np.uint16)
+    file = tmp_path / "gray16.png"
+    Image.fromarray(gray16).save(file)
+    assert Image.open(file).mode == "I;16"
+    big_endian = Image.frombytes("I;16B", (50, 40), gray16.astype(">u2").tobytes())
+    ways = {"png file": file, "png bytes": file.read_bytes(), "16-bit RGB png": _png16(gray16, rgb=True),
+            "hand-written gray png": _png16(gray16), "PIL I;16": Image.fromarray(gray16), "PIL I;16B": big_endian,
+            "numpy uint16": gray16, "numpy uint16 RGB": np.repeat(gray16[..., None], 3, -1),
+            "torch uint16": torch.from_numpy(gray16)[None]}
+    base = ours(gray16)
+    for name, image in ways.items():
+        assert torch.equal(ours(image), base), name
+    eight = (gray16 >> 8).astype(np.uint8)
+    assert torch.equal(base, ours(eight)), "the high byte"
+    rounded = np.round(gray16 / 257).astype(np.uint8)
+    got = np.asarray(load_image(gray16))[..., 0].astype(int)
+    assert np.abs(got - rounded).max() <= 1, "within one level of the rounded 8-bit picture"
+    assert torch.equal(ours(eight.astype(np.uint16) * 257), ours(eight)), "257 * x is x"
+    # Float pixels in [0, 1]: PIL F (a float TIFF), numpy float32 / float64, torch float and bfloat16 agree.
+    gray = np.asarray(_photo("camera.png"))
+    unit = gray.astype(np.float32) / 255
+    tiff = io.BytesIO()
+    Image.fromarray(unit).save(tiff, format="TIFF")
+    for name, image in {"PIL F": Image.fromarray(unit), "float TIFF": tiff.getvalue(), "numpy float32": unit,
+                        "numpy float64": unit.astype(np.float64), "torch float": torch.from_numpy(unit)[None]}.items():
+        assert torch.equal(ours(image), ours(gray)), name
+
+
+@pytest.mark.parametrize("image, message", [
+    (Image.fromarray(np.full((8, 8), 200.0, np.float32)), r"mode F image has values in \[200.0, 200.0\]; float images must be in \[0, 1\]"),
+    (np.full((8, 8), 200.0, np.float32), r"values in \[200.0, 200.0\]; float images must be in \[0, 1\]"),
+    (torch.full((1, 8, 8), -0.5), r"values in \[-0.5, -0.5\]"),
+    (np.array([[np.nan, 0.5]], np.float32), r"\[0.5, 0.5\] and 1 NaN or infinite values"),
+    (Image.fromarray(np.full((8, 8), 40_000, np.int32)), r"mode I image of int32 has values in \[40000, 40000\].*uint16"),
+    (np.full((8, 8), 40_000, np.int32), r"int32 has values in \[40000, 40000\]; expected 0..255"),
+    (torch.full((1, 8, 8), 300, dtype=torch.int64), "int64 has values in"),
+], ids=["PIL F 0..255", "numpy float 0..255", "torch float negative", "NaN", "PIL I 32-bit", "numpy int32", "torch int64"])
+def test_pixels_outside_their_range_are_refused(image, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(image)
 
 
 def test_exif_orientation_of_files_is_applied():

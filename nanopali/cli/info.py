@@ -1,4 +1,8 @@
-"""The `info` command: describe a checkpoint directory (sizes, dtypes, parameters) without loading its weights."""
+"""The `info` command: describe a checkpoint directory (sizes, dtypes, parameters) without loading its weights.
+
+It reads the real tensors' names, shapes and dtypes from the safetensors headers (no tensor data) and checks them
+against config.json as loading does, and reads the tokenizer: a checkpoint that cannot load fails `info` with the
+same error, and the parameter count is the files' own."""
 
 from __future__ import annotations
 
@@ -16,32 +20,42 @@ def add_commands(sub) -> None:
 
 def run_info(args) -> int:
     import torch
-    from safetensors import safe_open
 
     from nanopali.config import PaliGemmaConfig
-    from nanopali.io.hf_checkpoint import checkpoint_files
+    from nanopali.errors import CheckpointError
+    from nanopali.inputs.processor import Processor
+    from nanopali.io.hf_checkpoint import check_state_dict, checkpoint_dir, checkpoint_files, tensor_specs
     from nanopali.models.paligemma import PaliGemma
     from nanopali.paths import default_model_dir
+    from nanopali.pipeline import VAE_FILE
 
-    path = Path(args.model_dir) if args.model_dir else default_model_dir()
+    path = checkpoint_dir(Path(args.model_dir) if args.model_dir else default_model_dir())
     config = PaliGemmaConfig.from_pretrained(path)
     files = checkpoint_files(path)
+    specs = tensor_specs(path)  # the real tensors' names, shapes and dtypes, from the file headers
     with torch.device("meta"):
-        n = sum(p.numel() for p in PaliGemma(config).parameters())
-    dtypes = set()
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
-    t, v = config.text_config, config.vision_config
-    info = {"model_dir": str(path), "generation": 2 if config.is_gemma2 else 1, "parameters": n,
-            "dtypes": sorted(dtypes), "size_bytes": sum(f.stat().st_size for f in files), "files": len(files),
+        expected = {k: v.shape for k, v in PaliGemma(config).state_dict().items()}
+    check_state_dict(expected, {k: shape for k, (shape, _) in specs.items()}, str(path))  # what loading would say
+    processor = Processor.from_pretrained(path)  # the tokenizer and image settings, checked as loading does
+    tokenizer, t, v = processor.tokenizer, config.text_config, config.vision_config
+    if len(tokenizer) > t.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                              f"{t.vocab_size} rows (text_config.vocab_size); they do not belong together")
+    vae = path / VAE_FILE
+    info = {"model_dir": str(path), "generation": 2 if config.is_gemma2 else 1,
+            "parameters": sum(shape.numel() for shape, _ in specs.values()),
+            "dtypes": sorted({dtype for _, dtype in specs.values()}), "tensors": len(specs),
+            "size_bytes": sum(f.stat().st_size for f in files), "files": len(files),
             "image_size": v.image_size, "image_tokens": config.num_image_tokens, "vocab_rows": t.vocab_size,
+            "tokenizer_vocab": len(tokenizer),
             "decoder": f"{t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads "
                        f"({t.num_key_value_heads} kv) of {t.head_dim}",
-            "vision": f"{v.num_hidden_layers} layers, width {v.hidden_size}, patch {v.patch_size}"}
+            "vision": f"{v.num_hidden_layers} layers, width {v.hidden_size}, patch {v.patch_size}",
+            "vqvae": str(vae) if vae.is_file() else None}
     if args.json:
         print(json.dumps(info))
     else:
         for k, val in info.items():
-            print(f"{k:14s} {val:,}" if isinstance(val, int) else f"{k:14s} {val}")
+            val = f"none (no {VAE_FILE}; segment needs one)" if val is None else val
+            print(f"{k:15s} {val:,}" if isinstance(val, int) else f"{k:15s} {val}")
     return 0

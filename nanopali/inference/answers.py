@@ -51,6 +51,8 @@ def generate_answers(model: PaliGemma, processor, images: list, prompts: list[st
     """One answer per (image, prompt); generate_kwargs are `generate`'s (the tokenizer's ids are the defaults)."""
     tokenizer = processor.tokenizer
     batch = model_inputs(model, processor, images, prompts)
-    out = generate(model, **batch, return_logprobs=True, runtime=runtime,
-                   **{**tokenizer_settings(tokenizer), **generate_kwargs})
+    generate_kwargs = {**tokenizer_settings(tokenizer), **generate_kwargs}
+    if generate_kwargs.get("stop_strings"):
+        generate_kwargs.setdefault("tokenizer", tokenizer)
+    out = generate(model, **batch, return_logprobs=True, runtime=runtime, **generate_kwargs)
     return [decode_answer(tokenizer, ids, lps) for ids, lps in zip(out.tokens.tolist(), out.logprobs.tolist())]

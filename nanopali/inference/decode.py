@@ -79,7 +79,7 @@ def prefill(model: PaliGemma, input_ids, pixel_values=None, attention_mask=None,
     device = input_ids.device
     valid = attention_mask.bool()
     if not valid.any(-1).all():
-        raise ValueError("a row of attention_mask is all zeros: nothing to generate from")
+        raise UsageError("a row of attention_mask is all zeros: nothing to generate from")
     S = T + max_new_tokens
     limit = model.config.text_config.max_position_embeddings
     if S > limit:

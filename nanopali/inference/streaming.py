@@ -15,19 +15,23 @@ from nanopali.models.paligemma import PaliGemma
 def stream(model: PaliGemma, processor, image, prompt: str, runtime: Runtime | None = None, **generate_kwargs) -> Iterator[str]:
     """Yield the answer to `prompt` about `image` piece by piece (greedy unless sampling is asked for).
 
-    `processor` is a nanopali Processor; generate_kwargs are those of `generate_tokens`.
+    `processor` is a nanopali Processor; generate_kwargs are those of `generate_tokens` (num_beams > 1 is a
+    UsageError: beams cannot stream). The prompt, the image and the options are checked when this is
+    called, before the first piece is asked for.
     """
-    if generate_kwargs.get("num_beams", 1) > 1:
-        raise ValueError("beam search cannot stream: the best beam is only known at the end")
-    generate_kwargs.pop("num_beams", None)
     batch = model_inputs(model, processor, [image], [prompt])
     tokenizer = processor.tokenizer
-    eos = {tokenizer.eos_id}
-    decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     generate_kwargs = {**tokenizer_settings(tokenizer), **generate_kwargs}
     if generate_kwargs.get("stop_strings"):
         generate_kwargs.setdefault("tokenizer", tokenizer)
-    for token, _ in generate_tokens(model, **batch, runtime=runtime, **generate_kwargs):
+    tokens = generate_tokens(model, **batch, runtime=runtime, **generate_kwargs)
+    return _pieces(tokens, tokenizer)
+
+
+def _pieces(tokens, tokenizer) -> Iterator[str]:
+    eos = {tokenizer.eos_id}
+    decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    for token, _ in tokens:
         t = int(token[0])
         if t in eos:
             break

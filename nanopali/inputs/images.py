@@ -6,8 +6,20 @@ an RGB PIL image, or raises an `ImageError` that says what is wrong with which i
 
 Conversion to RGB is transformers' (`image_transforms.convert_to_rgb`, used by SiglipImageProcessor):
 a PIL image with an alpha band or a `transparency` entry (RGBA, LA, P with transparency…) is
-alpha-composited onto white; any other mode (L, 1, CMYK, I;16, YCbCr…) goes through
+alpha-composited onto white; any other 8-bit mode (L, 1, CMYK, YCbCr…) goes through
 `Image.convert("RGB")`; a 4-channel array is blended onto white as `round(a*rgb + (1-a)*255)`.
+
+Pixel values are read by the range their type implies, the same way however the pixels arrive (PIL image,
+file, numpy array, torch tensor), as an image viewer shows them:
+- 8-bit (uint8, PIL's 8-bit modes): as they are. bool: 0 / 255.
+- 16-bit (uint16 arrays and tensors, PIL modes I;16, I;16B, I;16L, I;16N, a 16-bit PNG however PIL opens it):
+  0..65535, shown as `v >> 8` (the high byte, what PIL itself does with 16-bit RGB PNGs; 257*x gives back x).
+- Other integers (int8..int64, uint32, uint64, PIL mode I = int32, e.g. a 32-bit TIFF): no bit depth is implied,
+  so only values 0..255 are taken (as 8-bit); anything else is an ImageError (pass 16-bit data as uint16).
+- Float (float16/32/64 arrays and tensors, bfloat16 tensors, PIL mode F, e.g. a float TIFF): values in [0, 1],
+  shown as `round(v * 255)`; NaN, infinity or anything outside [0, 1] is an ImageError naming the range found.
+Transformers instead clips I;16 / I / F through `convert("RGB")` (a 16-bit image turns white, a [0, 1] float
+image black); nanopali deliberately differs there and matches it everywhere else.
 Files and bytes are turned upright with their EXIF orientation, as transformers does when it loads a
 path; PIL images and arrays are taken as they are.
 
@@ -61,7 +73,24 @@ def load_image(image, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Imag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """PIL image of any mode -> RGB, transparency composited onto white (transformers' convert_to_rgb)."""
+    """PIL image of any mode -> RGB, transparency composited onto white (transformers' convert_to_rgb);
+    16-bit, 32-bit integer and float modes are scaled by the rules in the module docstring."""
+    return _to_rgb(image, image.format)
+
+
+_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # 16 bits per pixel, unsigned
+
+
+def _to_rgb(image: Image.Image, file_format: str | None) -> Image.Image:
+    if image.mode in _WIDE_MODES or image.mode in ("I", "F"):
+        array = np.asarray(image)
+        if image.mode == "I" and file_format == "PNG":  # a 16-bit grayscale PNG (older Pillow opens it as I)
+            array = array.astype(np.uint16)
+        gray = _to_uint8(array, f"mode {image.mode} image")
+        transparent = image.info.get("transparency")  # a 16-bit PNG's tRNS: one gray value that is see-through
+        if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+            gray = np.where(np.asarray(image) == transparent, np.uint8(255), gray)  # composited onto white
+        return Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -128,10 +157,14 @@ def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     _check_size(image.size, max_pixels, name)
     try:
         image.load()
+        file_format = image.format
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: the image could not be decoded; the file is truncated or corrupt ({e})") from None
-    return to_rgb(image)
+    try:
+        return _to_rgb(image, file_format)
+    except ImageError as e:
+        raise ImageError(f"{name}: {e}") from None
 
 
 def _check_size(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
@@ -149,7 +182,7 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, name: str) -> Non
 
 
 def _from_array(array: np.ndarray, max_pixels: int | None, channels_first: bool) -> Image.Image:
-    """uint8 (or [0, 1] float) array -> RGB PIL image. `channels_first`: which layout wins when both fit (torch: CHW)."""
+    """uint8 / uint16 / [0, 1] float array -> RGB PIL image (module docstring). `channels_first`: which layout wins when both fit (torch: CHW)."""
     kind = "tensor" if channels_first else "array"
     if array.ndim == 2:
         array = array[:, :, None]
@@ -161,7 +194,7 @@ def _from_array(array: np.ndarray, max_pixels: int | None, channels_first: bool)
     elif not last:
         raise ImageError(f"image {kind} of shape {tuple(array.shape)} has no channel axis of size 1, 3 or 4")
     _check_size((array.shape[1], array.shape[0]), max_pixels, f"image {kind}")
-    array = _to_uint8(array, kind)
+    array = _to_uint8(array, f"image {kind}")
     if array.shape[-1] == 4:  # transformers' numpy path: blend onto white, rounding half to even
         alpha = array[..., 3:4] / 255
         array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
@@ -171,19 +204,30 @@ def _from_array(array: np.ndarray, max_pixels: int | None, channels_first: bool)
 
 
 def _to_uint8(array: np.ndarray, kind: str) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
+    """Pixel values of any supported dtype -> uint8, by the range the dtype implies (module docstring)."""
+    if array.dtype.kind == "u" and array.dtype.itemsize == 1:
+        return array.astype(np.uint8, copy=False)
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # 16-bit: 0..65535, the high byte
+        return (array.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
-        if array.min() < 0 or array.max() > 255:
-            raise ImageError(f"image {kind} of {array.dtype} has values in [{array.min()}, {array.max()}]; expected 0..255 (uint8)")
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise ImageError(
+                f"{kind} of {array.dtype} has values in [{low}, {high}]; expected 0..255 (uint8), as {array.dtype} "
+                "implies no bit depth; pass 16-bit pixels as uint16 (0..65535) or float pixels in [0, 1]"
+            )
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            finite = array[np.isfinite(array)]
+            found = f"[{finite.min()}, {finite.max()}]" if finite.size else "no finite values"
+            if finite.size < array.size:
+                found += f" and {array.size - finite.size} NaN or infinite values"
             raise ImageError(
-                f"float image {kind} has values in [{array.min()}, {array.max()}]; float images must be in [0, 1] "
-                "(or pass uint8 values 0..255)"
+                f"float {kind} has values in {found}; float images must be in [0, 1] "
+                "(divide 0..255 values by 255, or pass uint8 values 0..255)"
             )
         return np.round(array.astype(np.float64) * 255).astype(np.uint8)
-    raise ImageError(f"image {kind} has dtype {array.dtype}; expected uint8 (or float in [0, 1])")
+    raise ImageError(f"{kind} has dtype {array.dtype}; expected uint8, uint16 or float in [0, 1]")

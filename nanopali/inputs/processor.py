@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pixel_values
-from nanopali.inputs.tokenizer import Tokenizer
+from nanopali.inputs.tokenizer import Tokenizer, check_text
 from nanopali.io.json_files import read_json as _read_json
 from nanopali.nn.losses import IGNORE_INDEX  # label of positions that carry no loss (prefix and padding)
 
@@ -241,7 +241,7 @@ class Processor:
 
 def _strings(values, what: str) -> list[str]:
     if isinstance(values, str):
-        return [values]
+        values = [values]
     if not isinstance(values, (list, tuple)):
         raise TypeError(f"{what}s must be a str or a list of str, got {type(values).__name__}")
     if not values:
@@ -249,6 +249,8 @@ def _strings(values, what: str) -> list[str]:
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise TypeError(f"{what} {i} is a {type(v).__name__}, not a str")
+    for i, v in enumerate(values):
+        check_text(v, f"{what} {i}" if len(values) > 1 else f"the {what}")
     return list(values)
 
 

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from nanopali.errors import MissingFileError, TokenizerError
+from nanopali.errors import MissingFileError, TokenizerError, UsageError
 from nanopali.io.json_files import read_json
 
 IMAGE_TOKEN = "<image>"
@@ -169,6 +169,7 @@ class Tokenizer:
         """Token ids of `text`, optionally with `<bos>` before and `<eos>` after."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         ids = [self._require(self.bos_id, "bos")] if add_bos else []
         pos, strip_next = 0, False
         for m in self._split_re.finditer(text):
@@ -304,6 +305,21 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, sentencepiece={self.sp_vocab_size}, bos={self.bos_id}, "
                 f"eos={self.eos_id}, pad={self.pad_id}, image={self.image_token_id})")
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """UsageError for a str that is not valid Unicode text: a lone surrogate (U+D800..U+DFFF), which is what an
+    undecodable byte becomes in sys.argv or in a file read with errors="surrogateescape". SentencePiece cannot
+    encode one (its error would be "Unable to cast Python instance")."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        found = (f"the undecodable byte 0x{code - 0xDC00:02x} (not UTF-8: Latin-1 or binary data?)" if 0xDC80 <= code <= 0xDCFF
+                 else f"a lone surrogate {text[e.start]!r} (not valid Unicode text)")
+        raise UsageError(f"{what} contains {found} at character {e.start}; give it as UTF-8 text") from None
 
 
 def _value(table: dict[int, int], i: int, what: str) -> int:

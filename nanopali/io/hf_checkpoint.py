@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from nanopali.errors import CheckpointError
+from nanopali.devices import resolve_device, resolve_dtype
+from nanopali.errors import CheckpointError, MissingFileError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,15 +52,32 @@ def canonical_key(key: str) -> str | None:
     return key
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """`path` as a Path, checked to be a directory: a file (model.safetensors, config.json…) is a CheckpointError
+    that says to pass its folder, a path that does not exist a MissingFileError."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; a model is a checkpoint directory (config.json, model.safetensors, "
+                              f"tokenizer.model…): pass the folder that holds it")
+    if not path.is_dir():
+        raise MissingFileError(f"checkpoint directory {path} does not exist")
+    return path
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, checked to exist."""
+    path = Path(path)
+    if path.is_file():
+        checkpoint_dir(path)  # raises: a file, not a directory
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError(f"weight_map must map tensor names to file names, got {type(weight_map).__name__}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
@@ -73,43 +91,86 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
 
 
-def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+def load_state_dict(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Read all tensors of a checkpoint directory under nanopali's names, one tensor at a time.
 
     Tensors are read from the memory-mapped files and converted to `dtype` one by one, so loading
     a bf16 checkpoint in bf16 never holds more than the weights (plus one tensor in flight).
+    `device` and `dtype` are checked first (nanopali.devices): a bad one is a UsageError, never blamed on the file.
     """
+    device = resolve_device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     files = checkpoint_files(Path(path))
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading weights",
                disable=not progress, leave=False)
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = canonical_key(key)
-                    if name is None:
-                        continue
-                    if name in state:
-                        raise CheckpointError(f"{file}: tensor {key!r} is a second copy of {name!r} (already read as {origin[name]!r})")
-                    tensor = f.get_tensor(key)
-                    state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
-                    origin[name] = key
-                    bar.update(tensor.numel() * tensor.element_size())
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+        with _open_safetensors(file, device) as f:
+            for key in f.keys():
+                name = _name(key, file, state, origin)
+                if name is None:
+                    continue
+                tensor = _read(file, lambda: f.get_tensor(key))
+                state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                origin[name] = key
+                bar.update(tensor.numel() * tensor.element_size())
     bar.close()
     return state
 
 
-def check_state_dict(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+def tensor_specs(path: str | Path) -> dict[str, tuple[torch.Size, str]]:
+    """(shape, safetensors dtype such as "F32") of every tensor of a checkpoint directory under nanopali's names,
+    read from the file headers only (no tensor data), with the same checks and errors as `load_state_dict`."""
+    specs: dict[str, tuple[torch.Size, str]] = {}
+    origin: dict[str, str] = {}
+    for file in checkpoint_files(Path(path)):
+        with _open_safetensors(file, torch.device("cpu")) as f:
+            for key in f.keys():
+                name = _name(key, file, specs, origin)
+                if name is None:
+                    continue
+                sl = _read(file, lambda: f.get_slice(key))
+                specs[name] = (torch.Size(sl.get_shape()), sl.get_dtype())
+                origin[name] = key
+    return specs
+
+
+def _corrupt(file: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?")
+
+
+def _open_safetensors(file: Path, device: torch.device):
+    """safe_open on an already checked device: a SafetensorError here is the file's fault."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise _corrupt(file, e) from None
+
+
+def _read(file: Path, read):
+    try:
+        return read()
+    except SafetensorError as e:
+        raise _corrupt(file, e) from None
+
+
+def _name(key: str, file: Path, seen: dict, origin: dict[str, str]) -> str | None:
+    name = canonical_key(key)
+    if name is not None and name in seen:
+        raise CheckpointError(f"{file}: tensor {key!r} is a second copy of {name!r} (already read as {origin[name]!r})")
+    return name
+
+
+def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor.
+    `state` maps names to tensors or to shapes."""
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs config {tuple(s)}"
-                    for k, s in expected.items() if k in state and state[k].shape != s)
+    shape = {k: tuple(getattr(v, "shape", v)) for k, v in state.items()}  # tensors, or shapes (tensor_specs)
+    shapes = sorted(f"{k}: file {shape[k]} vs config {tuple(s)}"
+                    for k, s in expected.items() if k in state and shape[k] != tuple(s))
     problems = []
     for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
                          ("shape mismatches (does config.json match the weights?)", shapes)):

@@ -1,13 +1,16 @@
 """Reading the small JSON files of a checkpoint directory: processor, tokenizer and model settings.
 
-Every such file is optional (a missing one reads as {}), and a broken one is an error that names the file,
-raised as the caller's own error class so each loader keeps reporting its problems its way.
+Every such file is optional (a missing one reads as {}), and a broken one (not UTF-8, not JSON, or JSON that is
+not an object: null, a list, a number…) is an error that names the file, raised as the caller's own error class
+so each loader keeps reporting its problems its way.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from nanopali.config import json_kind
 
 
 def read_json(file: Path, error: type[Exception] = ValueError) -> dict:
@@ -16,8 +19,10 @@ def read_json(file: Path, error: type[Exception] = ValueError) -> dict:
         return {}
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{file}: not a JSON text file (it is not UTF-8 text; is it a binary file?)") from None
     except json.JSONDecodeError as e:
         raise error(f"{file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{file}: {file.name} must hold a JSON object, found {json_kind(data)}")
     return data

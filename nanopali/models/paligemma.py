@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from nanopali.config import PaliGemmaConfig
+from nanopali.devices import resolve_device, resolve_dtype
+from nanopali.errors import UsageError
 from nanopali.io import hf_checkpoint
 from nanopali.models.gemma import GemmaDecoder
 from nanopali.models.siglip import SiglipVisionModel
@@ -83,18 +85,39 @@ class PaliGemma(nn.Module):
         """pixel_values (I, 3, S, S) -> projected image tokens (I, N, D)."""
         return self.multi_modal_projector(self.vision(pixel_values))
 
+    def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> None:
+        """UsageError for token ids outside [0, vocab_size) (naming the first one and its (row, position)) or
+        for pixel_values that are not all finite; one cheap pass over the inputs, once per call."""
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise UsageError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+        rows = self.config.text_config.vocab_size
+        outside = ((input_ids < 0) | (input_ids >= rows)) & (input_ids != self.config.image_token_index)
+        if outside.any():
+            where = outside.nonzero()[0].tolist()
+            bad = int(input_ids[tuple(where)])
+            place = f"input_ids[{', '.join(map(str, where))}]" if len(where) != 2 else f"row {where[0]}, position {where[1]}"
+            more = int(outside.sum()) - 1
+            raise UsageError(f"token id {bad} at {place} of input_ids is outside the vocabulary (ids 0..{rows - 1})"
+                             + (f"; so are {more} more" if more else ""))
+        if pixel_values is not None and not torch.isfinite(pixel_values).all():
+            image = int((~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero()[0, 0]) if pixel_values.ndim > 1 else 0
+            raise UsageError(f"pixel_values of image {image} contain NaN or infinite values; the processor's output of "
+                             "a real image never does")
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> embeddings (B, T, D), image ids replaced by image features in order."""
+        """input_ids (B, T) -> embeddings (B, T, D), image ids replaced by image features in order
+        (the inputs are checked first: `check_inputs`)."""
+        self.check_inputs(input_ids, pixel_values)
         image_mask = input_ids == self.config.image_token_index                # (B, T)
         x = self.decoder.embed(input_ids.masked_fill(image_mask, 0))           # (B, T, D)
         n_image_tokens = int(image_mask.sum())
         if pixel_values is None:
             if n_image_tokens:
-                raise ValueError(f"input_ids hold {n_image_tokens} <image> tokens but no pixel_values were given")
+                raise UsageError(f"input_ids hold {n_image_tokens} <image> tokens but no pixel_values were given")
             return x
         features = self.image_features(pixel_values)                          # (I, N, D)
         if n_image_tokens != features.shape[0] * features.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"input_ids hold {n_image_tokens} <image> tokens but pixel_values has {features.shape[0]} image(s) "
                 f"of {features.shape[1]} tokens each = {features.shape[0] * features.shape[1]}")
         return x.masked_scatter(image_mask[..., None], features.to(x.dtype))
@@ -129,7 +152,7 @@ class PaliGemma(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
         use_sliding_window: bool = True,
         progress: bool = False,
@@ -141,8 +164,11 @@ class PaliGemma(nn.Module):
         to `dtype` one at a time: no second copy of the weights is ever made.
         `use_sliding_window=False` makes every Gemma 2 layer global, as in big_vision.
         `progress=True` shows a progress bar while the tensors are read.
+        `dtype` is a floating torch.dtype or its name ("bfloat16", "bf16", "float32"…); `device` is checked to be
+        usable here ("cuda" needs a GPU torch sees) before any file is read (nanopali.devices).
         """
-        path = Path(path)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        path = hf_checkpoint.checkpoint_dir(path)
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
         with torch.device("meta"):
             model = cls(config)

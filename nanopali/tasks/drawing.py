@@ -9,13 +9,14 @@ on a filled tag just above the box, or inside its top edge when the box touches 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from nanopali.errors import MissingFileError
+from nanopali.errors import MissingFileError, UsageError
 from nanopali.inputs.images import load_image
 
 # Google's colours (the ones the PaliGemma Space uses) first, then more distinct hues.
@@ -63,6 +64,30 @@ def _blend_masks(rgb: np.ndarray, objects: Sequence, alpha: float) -> np.ndarray
         m = mask.astype(bool)
         out[m] = (1 - alpha) * out[m] + alpha * np.asarray(PALETTE[i % len(PALETTE)], dtype=np.float32)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def check_output(path: str | Path, what: str = "the drawing") -> tuple[Path, str]:
+    """Before any work is done: `path` and the Pillow format its suffix names, or a NanopaliError saying why
+    an image cannot be written there (a directory, a missing or read-only folder, an unknown suffix)."""
+    path = Path(path)
+    where = f"cannot write {what} to {path}"
+    if path.is_dir():
+        raise UsageError(f"{where}: it is a directory; name an image file, e.g. {path / 'out.png'}")
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        problem = (f"the suffix {path.suffix!r} is not an image format Pillow can write" if path.suffix
+                   else "the name has no suffix to tell the image format")
+        raise UsageError(f"{where}: {problem}; use .png (or .jpg, .webp, ...)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise MissingFileError(f"{where}: the folder {parent} does not exist" if not parent.exists()
+                               else f"{where}: {parent} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{where}: the file exists and is not writable")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{where}: the folder {parent} is not writable")
+    return path, fmt
 
 
 def draw(image, objects: Sequence, out_path: str | Path | None = None, alpha: float = 0.45,
