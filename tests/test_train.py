@@ -12,7 +12,7 @@ from tiny_checkpoint import write_tiny_checkpoint
 from transformers import PaliGemmaForConditionalGeneration
 
 from nanopali import PaliGemma, Processor, generate
-from nanopali.train import RECIPES, DataError, JsonlDataset, TrainConfig, apply_recipe, fit
+from nanopali.train import RECIPES, DataError, JsonlDataset, TrainConfig, TrainingInterrupted, apply_recipe, fit
 from nanopali.train import checkpoint as ckpt
 
 SUFFIXES = ["red circle", "blue square", "two green stars", "a word: cat"]
@@ -77,9 +77,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(base, data, tmp_path):
     examples = list(JsonlDataset(data))
     straight = run(base, data, tmp_path / "a", save_every=2)
     out = tmp_path / "b"
-    stopped = fit(TrainConfig(model=str(base), out=str(out), steps=6, batch_size=2, lr=3e-3, warmup_steps=2, seed=1),
-                  train_data=InterruptAt(examples, at=5))  # SIGTERM while collecting step 3
+    with pytest.raises(TrainingInterrupted) as stop:  # fit saves, then says so: an interrupted run is no result
+        fit(TrainConfig(model=str(base), out=str(out), steps=6, batch_size=2, lr=3e-3, warmup_steps=2, seed=1),
+            train_data=InterruptAt(examples, at=5))  # SIGTERM while collecting step 3
+    stopped = stop.value.checkpoint
     assert stopped.name == "checkpoint-000003" and ckpt.latest(out) == stopped
+    assert stop.value.step == 3 and stop.value.exit_code == 143
     resumed = fit(TrainConfig(model=str(base), out=str(out), steps=6, batch_size=2, lr=3e-3, warmup_steps=2, seed=1,
                               resume=True), train_data=examples)
     a, b = weights(straight), weights(resumed)
@@ -281,8 +284,9 @@ def test_auxiliary_loss_resumes_exactly_and_refuses_a_mismatched_resume(base, da
     examples = patch_examples(data)
     straight, straight_heads, _ = run_aux(base, examples, tmp_path / "a", 1.0)
     out = tmp_path / "b"
-    stopped, _, _ = run_aux(base, InterruptAt(examples, at=5), out, 1.0)
-    assert stopped.name == "checkpoint-000003"
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_aux(base, InterruptAt(examples, at=5), out, 1.0)
+    assert stop.value.checkpoint.name == "checkpoint-000003"
     resumed, resumed_heads, _ = run_aux(base, examples, out, 1.0, resume=True)
     a, b = weights(straight), weights(resumed)
     for k in a:

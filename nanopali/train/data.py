@@ -2,10 +2,15 @@
 
     {"image": "relative/or/absolute/path.jpg", "prefix": "detect cat", "suffix": "<loc0123>… cat"}
 
-Image paths are relative to the JSONL file. Every line is checked when the file is opened (valid
-JSON, the three fields, an image file that exists and has a readable header); a bad line is an
-error that names its line number, or with `skip_bad=True` is skipped and counted. Batches go
-through the Processor, which turns suffixes into labels.
+Image paths are relative to the JSONL file. Every line is checked fully when the file is opened, so that
+nothing fails later at the batch that draws it: UTF-8 text, valid JSON, an object with the three string
+fields, an image file that exists and decodes completely (load_image: a JPEG truncated inside its data
+is caught, not only a bad header); and, given the processor, a prefix and suffix that tokenize, hold no
+`<image>` (the processor puts the image tokens in front of the prefix itself) and, with max_length, fit in
+it. A bad line is a DataError naming file:line and the reason; with `skip_bad=True` it is skipped and
+counted instead (`skipped`: the messages; `skipped_reasons`: how many per reason), and the trainer
+reports both. A binary file is refused as a whole. Examples passed as Python objects are not checked
+ahead: a bad one is a DataError naming it when its batch is made.
 
 The order of examples is a pure function of (seed, position): example k of the stream is entry
 `permutation(seed + epoch)[k % N]`, so a resumed run continues exactly where it stopped.
@@ -13,15 +18,18 @@ The order of examples is a pure function of (seed, position): example k of the s
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from nanopali.errors import DataError, MissingFileError
+from nanopali.errors import DataError, ImageError, ImageNotFoundError, MissingFileError
+from nanopali.inputs.images import DEFAULT_MAX_PIXELS, load_image
 
 FIELDS = ("image", "prefix", "suffix")
 
@@ -35,45 +43,114 @@ class Example:
     extra: dict = field(default_factory=dict)  # further fields of a dict item, e.g. labels for an auxiliary loss
 
 
+class _BadLine(DataError):
+    """A DataError with the short reason it is counted under when skipped."""
+
+    def __init__(self, where: str, reason: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason
+
+
 class JsonlDataset(Sequence):
-    def __init__(self, path: str | Path, skip_bad: bool = False):
+    """The examples of a JSONL file, every line checked when it is opened (see the module's docstring).
+
+    `processor` (the model's Processor) enables the text checks; `max_length` the length check.
+    `sha256` is the file's digest (a resumed run refuses a changed file)."""
+
+    def __init__(self, path: str | Path, skip_bad: bool = False, processor=None, max_length: int | None = None):
         self.path = Path(path)
+        self.processor, self.max_length = processor, max_length
+        if self.path.is_dir():
+            raise DataError(f"training data {self.path} is a directory, not a JSONL file")
         if not self.path.is_file():
             raise MissingFileError(f"training data {self.path} does not exist")
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read training data {self.path} ({e.strerror})") from None
+        if b"\0" in raw[:65536]:
+            raise DataError(f"{self.path} is a binary file, not JSONL text (one JSON object per line)")
+        self.sha256 = hashlib.sha256(raw).hexdigest()
         self.examples: list[Example] = []
         self.skipped: list[str] = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+        self.skipped_reasons: Counter[str] = Counter()
+        for number, line in enumerate(raw.splitlines(), start=1):  # \n, \r\n, \r: not U+2028 inside a string
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if not line.strip():
                 continue
             try:
                 self.examples.append(self._parse(line, f"{self.path}:{number}"))
-            except DataError as e:
+            except _BadLine as e:
                 if not skip_bad:
-                    raise
+                    raise DataError(str(e)) from None
                 self.skipped.append(str(e))
+                self.skipped_reasons[e.reason] += 1
         if not self.examples:
-            raise DataError(f"{self.path} holds no usable example" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+            raise DataError(f"{self.path} holds no usable example" + (f" ({self.skip_summary()})" if self.skipped else ""))
 
-    def _parse(self, line: str, where: str) -> Example:
+    def skip_summary(self) -> str:
+        """'3 bad lines skipped: 2 image cannot be read, 1 <image> in suffix' ('' when none was skipped)."""
+        if not self.skipped:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped_reasons.most_common())
+        return f"{len(self.skipped)} bad line{'s' if len(self.skipped) > 1 else ''} skipped: {reasons}"
+
+    def _parse(self, line: bytes, where: str) -> Example:
         try:
-            record = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _BadLine(where, "not UTF-8", f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                               "save the file as UTF-8") from None
+        try:
+            record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            raise _BadLine(where, "not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {FIELDS}")
+            raise _BadLine(where, "not a JSON object", f"expected a JSON object with fields {FIELDS}, "
+                                                       f"got {type(record).__name__}")
         missing = [f for f in FIELDS if not isinstance(record.get(f), str)]
         if missing:
-            raise DataError(f"{where}: missing or non-string field(s) {missing}")
+            raise _BadLine(where, "missing fields", f"missing or non-string field(s) {missing}")
         image = Path(record["image"])
         image = image if image.is_absolute() else self.path.parent / image
         if not image.is_file():
-            raise DataError(f"{where}: image {image} does not exist")
+            raise _BadLine(where, "image does not exist", f"image {image} does not exist")
+        max_pixels = self.processor.max_pixels if self.processor is not None else DEFAULT_MAX_PIXELS
         try:
-            with Image.open(image) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many types for unreadable files
-            raise DataError(f"{where}: image {image} cannot be read ({e})") from None
+            load_image(image, max_pixels=max_pixels).close()  # decodes every pixel: truncated data fails here
+        except (ImageError, ImageNotFoundError) as e:
+            detail = str(e).removeprefix(f"{image}: ")
+            raise _BadLine(where, "image cannot be read", f"image {image} cannot be read ({detail})") from None
+        if self.processor is not None:
+            self._check_text(record["prefix"], record["suffix"], where)
         return Example(image, record["prefix"], record["suffix"], where)
+
+    def _check_text(self, prefix: str, suffix: str, where: str) -> None:
+        """The prefix and suffix tokenize, hold no <image>, and fit in max_length with the image tokens."""
+        tok = self.processor.tokenizer
+        for name, text in (("prefix", prefix), ("suffix", suffix)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _BadLine(where, f"invalid text in {name}", f"the {name} holds a lone surrogate "
+                                                                 f"{text[e.start]!r} at character {e.start}, not text") from None
+            if tok.image_token in text:
+                raise _BadLine(where, f"{tok.image_token} in {name}",
+                               f"the {name} contains {tok.image_token}; the processor puts the image tokens before the "
+                               "prefix itself, remove it")
+        try:
+            prefix_ids = self.processor.prefix_ids(prefix, 1)
+            suffix_ids = tok.encode(suffix) + [tok.eos_id]
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise _BadLine(where, "text cannot be tokenized", f"cannot tokenize the prefix or suffix ({e})") from None
+        n = len(prefix_ids) + len(suffix_ids)
+        if self.max_length is not None and n > self.max_length:
+            images = self.processor.num_image_tokens
+            raise _BadLine(where, "longer than max_length",
+                           f"takes {n} tokens ({images} image tokens, {len(prefix_ids) - images} for <bos>, the prefix "
+                           f"and \\n, {len(suffix_ids)} for the suffix and <eos>), more than max_length={self.max_length}; "
+                           "raise --max-length or shorten the example")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -95,6 +172,8 @@ def example_stream(data: Sequence | Iterable, seed: int, start: int = 0) -> Iter
     """Examples from position `start` on: shuffled epochs for a sequence, in order for an iterable."""
     if isinstance(data, Sequence):
         n = len(data)
+        if n == 0:
+            raise DataError("the training data holds no example")
         position = start
         while True:
             epoch, offset = divmod(position, n)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanopali.devices import resolve_device
+
 
 @dataclass
 class Dist:
@@ -41,17 +43,19 @@ class Dist:
 
 
 def setup(device: str = "auto") -> Dist:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's place in the run; `device` ("auto", "cpu", "cuda", ...) is checked first (a UsageError
+    for a GPU that is not there), and under torchrun each process takes the GPU of its local rank."""
+    resolved = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(device=torch.device(device))
+        return Dist(device=resolved)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
+    cuda = resolved.type == "cuda"
+    if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Dist(rank, world, torch.device(device, local) if device == "cuda" else torch.device("cpu"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
 def teardown() -> None:

@@ -6,8 +6,9 @@
 One step = grad_accum micro-batches of batch_size examples on each of the world-size processes;
 the loss of the step is the mean over the suffix tokens of the whole global batch (or over its
 examples), whatever the split. Checkpoints (checkpoint.py) are written every save_every steps,
-at the end, and when SIGTERM/SIGINT arrives; `resume=True` continues from the newest one exactly.
-With lora_rank > 0 only LoRA adapters on the decoder train (lora.py) and checkpoints hold the merged model.
+at the end, and when SIGTERM/SIGINT arrives (fit then raises TrainingInterrupted); `resume=True`
+continues from the newest one exactly. With lora_rank > 0 only LoRA adapters on the decoder train
+(lora.py) and checkpoints hold the merged model.
 
 `fit(..., auxiliary=module)` adds an auxiliary loss on the vision tower's output tokens:
 `module(features (B, P, D), examples) -> scalar`, e.g. world/patch_warmup.PatchLoss on per-patch labels the
@@ -15,14 +16,17 @@ examples carry. Its parameters have their own AdamW on the same schedule, withou
 times the lr_scale matching "auxiliary.<name>"; they live in the trainer state (not in the model's
 weights), so a resumed run continues them. It runs in one process only.
 
-The run's state (model, optimizers, step, checkpoints) is run_state.py; this file is the loop over it.
+The run's state (model, optimizers, step, checkpoints, the run directory's rules) is run_state.py; this
+file is the loop over it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -31,16 +35,45 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanopali.errors import MissingFileError, UsageError
-from nanopali.nn.losses import count
+from nanopali.errors import DataError, MissingFileError, NanopaliError, UsageError
+from nanopali.nn.losses import REDUCTIONS, count
 from nanopali.train import distributed, lora
+from nanopali.train.checkpoint import METRICS, PLOT
 from nanopali.train.data import Example, JsonlDataset, as_example, collate, example_stream
 from nanopali.train.evaluate import evaluate
-from nanopali.train.run_state import Run, start_run
+from nanopali.train.recipes import RECIPES
+from nanopali.train.run_state import Run, begin_run, start_run
 
 
 @dataclass
 class TrainConfig:
+    """The options of a training run (each is also a `nanopali train --option`).
+
+    Run directory (`out`): a new or empty directory starts a run. One that already holds a run (checkpoints,
+    `latest`, metrics.jsonl or loss.png) is refused unless `resume=True` continues it (from the checkpoint
+    `latest` names; with no checkpoint yet the run starts from the beginning) or `overwrite=True` deletes
+    those files (and nothing else there) and starts over; both at once are refused. `out` must be a
+    directory nanopali can create and write: that is checked before anything is loaded.
+
+    Resuming: the options that shape the result must equal those the run was started with, else the resume
+    is refused with the list of differences: recipe, steps, batch_size, grad_accum, lr, lr_scale,
+    weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, bf16, loss_reduction, label_smoothing,
+    max_length, seed, data (its path and its content) and the LoRA options (with LoRA also model, whose
+    base weights are read again), and the number of processes. `steps` is among them: the cosine schedule
+    is defined by the steps a run was started with, so to train longer, start a new run from the checkpoint
+    (`model=<out>/checkpoint-N`, a new `out`). Options that do not change the weights may differ: out,
+    eval, eval_every, eval_max_new_tokens, log_every, save_every, keep_checkpoints, skip_bad,
+    activation_checkpointing, fsdp, device, resume, overwrite (and model without LoRA: the weights come
+    from the checkpoint).
+
+    Every value is checked here (a UsageError naming the option and what it must be): steps, batch_size,
+    grad_accum, log_every, keep_checkpoints, eval_max_new_tokens >= 1; 0 <= warmup_steps <= steps; lr > 0
+    and lr_scale values > 0, finite; weight_decay >= 0; min_lr_ratio in [0, 1]; label_smoothing in [0, 1);
+    max_grad_norm >= 0 or None (0: no clipping); max_length >= 1 or None; save_every, eval_every >= 0
+    (0: only at the end); lora_rank >= 0, lora_alpha > 0, lora_dropout in [0, 1), lora_targets among
+    lora.TARGETS; recipe and loss_reduction among the known ones; and each value of its field's type.
+    """
+
     model: str                          # checkpoint directory to start from
     out: str = "runs/train"             # run directory: checkpoints, metrics.jsonl, loss.png
     data: str | None = None             # training JSONL (or pass train_data= to fit)
@@ -54,20 +87,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0   # 0 or None: no clipping
     bf16: bool = False                  # bf16 autocast (CPU and GPU); weights stay in float32
     activation_checkpointing: bool = False
     loss_reduction: str = "token"       # token (transformers) | example (big_vision)
     label_smoothing: float = 0.0
     max_length: int | None = None
-    skip_bad: bool = False
+    skip_bad: bool = False              # skip (and count) bad JSONL lines instead of stopping at the first
     seed: int = 0
     save_every: int = 0                 # 0: only at the end
     keep_checkpoints: int = 3
     eval_every: int = 0                 # 0: only at the end (when there is eval data)
     eval_max_new_tokens: int = 32
     log_every: int = 1
-    resume: bool = False
+    resume: bool = False                # continue the run in `out` (or start it when it has no checkpoint yet)
+    overwrite: bool = False             # delete the run in `out` (its checkpoints, metrics, plot) and start over
     fsdp: bool = False
     device: str = "auto"
     # LoRA (lora.py, needs `pip install nanopali[lora]`): adapters of this rank on the decoder's linear
@@ -78,19 +112,124 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # among q/k/v/o_proj, gate/up/down_proj
 
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
+        _check_values(self)
+
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
         """Read options from a JSON file; keyword overrides (e.g. from the command line) win."""
         try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError as e:  # the CLI prints these as one line, with their own messages
-            raise MissingFileError(e.errno, e.strerror, e.filename) from None
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MissingFileError(f"training config {path} does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"training config {path} is a directory, not a JSON file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"training config {path} is not UTF-8 text (byte {e.start}); expected a JSON object") from None
         except json.JSONDecodeError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"training config {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except OSError as e:
+            raise UsageError(f"cannot read training config {path} ({e.strerror})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"training config {path}: expected a JSON object of options, got {type(values).__name__}")
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"{path}: unknown training options {sorted(unknown)}")
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except TypeError as e:  # a required option (model) that neither the file nor the overrides give
+            raise UsageError(f"{path}: {e}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(name: str, annotation: str, value):
+    """`value` checked against the field's annotation ("int", "float | None", "tuple[str, ...]" …), normalised
+    (an int for a float, a list for a tuple); a UsageError naming the option otherwise."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    base, number = kinds[0], (int, float)
+    if base == "bool":
+        ok, what = isinstance(value, bool), "true or false"
+    elif base == "int":
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif base == "float":
+        ok, what = isinstance(value, number) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif base == "str":
+        ok, what = isinstance(value, str) and value != "", "a non-empty string"
+    elif base.startswith("dict"):
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, number) and not isinstance(v, bool)
+                                             for k, v in value.items())
+        what = 'an object of name pattern: number, e.g. {"multi_modal_projector.*": 10}'
+        value = {k: float(v) for k, v in value.items()} if ok else value
+    elif base.startswith("tuple"):
+        ok, what = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
+        value = tuple(value) if ok else value
+    else:  # a field of a type this function does not know: a bug, not a user mistake
+        raise TypeError(f"TrainConfig.{name}: unsupported annotation {annotation!r}")
+    if not ok:
+        raise UsageError(f"training option {name} ({_flag(name)}) must be {what}{' or null' if 'None' in kinds else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+def _check_values(c: TrainConfig) -> None:
+    """The ranges of TrainConfig's docstring; a UsageError naming the first option outside its range."""
+    finite = math.isfinite
+    rules = [
+        ("steps", c.steps >= 1, "at least 1"),
+        ("batch_size", c.batch_size >= 1, "at least 1"),
+        ("grad_accum", c.grad_accum >= 1, "at least 1"),
+        ("lr", finite(c.lr) and c.lr > 0, "a finite number > 0"),
+        ("lr_scale", all(finite(s) and s > 0 for s in c.lr_scale.values()),
+         "finite numbers > 0 (to freeze parameters use --recipe)"),
+        ("weight_decay", finite(c.weight_decay) and c.weight_decay >= 0, "a finite number >= 0"),
+        ("warmup_steps", 0 <= c.warmup_steps <= c.steps, f"between 0 and steps ({c.steps})"),
+        ("min_lr_ratio", 0 <= c.min_lr_ratio <= 1, "between 0 and 1"),
+        ("max_grad_norm", c.max_grad_norm is None or c.max_grad_norm >= 0, "a number >= 0 (0: no clipping)"),
+        ("loss_reduction", c.loss_reduction in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}"),
+        ("label_smoothing", 0 <= c.label_smoothing < 1, "at least 0 and below 1"),
+        ("max_length", c.max_length is None or c.max_length >= 1, "at least 1"),
+        ("save_every", c.save_every >= 0, "at least 0 (0: only at the end)"),
+        ("keep_checkpoints", c.keep_checkpoints >= 1, "at least 1"),
+        ("eval_every", c.eval_every >= 0, "at least 0 (0: only at the end)"),
+        ("eval_max_new_tokens", c.eval_max_new_tokens >= 1, "at least 1"),
+        ("log_every", c.log_every >= 1, "at least 1"),
+        ("recipe", c.recipe in RECIPES, f"one of {', '.join(RECIPES)}"),
+        ("lora_rank", c.lora_rank >= 0, "at least 0 (0: no LoRA)"),
+        ("lora_alpha", finite(c.lora_alpha) and c.lora_alpha > 0, "a finite number > 0"),
+        ("lora_dropout", 0 <= c.lora_dropout < 1, "at least 0 and below 1"),
+        ("lora_targets", bool(c.lora_targets) and all(t in lora.TARGETS for t in c.lora_targets),
+         f"one or more of {', '.join(lora.TARGETS)}"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            raise UsageError(f"training option {name} ({_flag(name)}) must be {rule}, got {getattr(c, name)!r}")
+    if c.resume and c.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
+                         f"{c.out}, --overwrite deletes it and starts over; pass one of them")
+
+
+class TrainingInterrupted(NanopaliError):
+    """fit stopped on SIGTERM or SIGINT after saving a checkpoint; resume=True continues from it.
+
+    `signal`, `step`, `checkpoint` (the saved folder); `exit_code` is what a shell reports for the signal
+    (128 + its number: 130 for SIGINT, 143 for SIGTERM), which `nanopali train` exits with."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path):
+        self.signal, self.step, self.checkpoint = signal.Signals(signum), step, checkpoint
+        super().__init__(f"interrupted by {self.signal.name} at step {step} of {steps}; checkpoint saved to "
+                         f"{checkpoint}; resume with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal)
 
 
 class _StopSignal:
@@ -98,6 +237,7 @@ class _StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -107,6 +247,7 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -117,7 +258,7 @@ def _plot(metrics_file: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if '"loss"' in line]
+    rows = [r for r in _records(metrics_file) if "loss" in r]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -128,13 +269,36 @@ def _plot(metrics_file: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def _records(metrics_file: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
+
+
 def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.nn.Module | None = None) -> Path:
-    """Train; return the final checkpoint directory."""
-    run = start_run(config, auxiliary)
+    """Train; return the final checkpoint directory.
+
+    Before anything heavy: the run directory is checked (TrainConfig's rules: new, resumed, or overwritten),
+    a resume's options compared with the checkpoint's, and config.data / config.eval opened with every line
+    checked (JsonlDataset with the model's processor and max_length). With skip_bad the skipped lines are
+    reported on stderr and, for a run that starts at step 0, as the first metrics.jsonl record
+    {"step": 0, "skipped_examples": N, "skipped_reasons": {reason: count}, ...}.
+
+    metrics.jsonl holds one line per logged step (and eval records): a resumed run first drops the lines of
+    steps after its checkpoint (written by a run killed before its next checkpoint), so no step repeats.
+
+    On SIGTERM or SIGINT the step in progress finishes, a checkpoint is saved, and TrainingInterrupted is
+    raised (it names the step, the checkpoint and the signal; `nanopali train` exits 130 / 143 with it).
+    Resuming a run that is already complete trains nothing and returns its final checkpoint (running the
+    held-out evaluation if the run stopped before it).
+    """
+    begun = begin_run(config, auxiliary)
+    run = stop = None
     try:
-        train, held_out = _datasets(config, train_data, eval_data)
+        train, held_out, sources = _datasets(config, train_data, eval_data, begun.processor)
+        run = start_run(config, auxiliary, begun, data_sha256=getattr(train, "sha256", None))
+        metrics = run.out / METRICS
+        _report_skipped(run, metrics, sources, to_metrics=begun.state is None)
         stream = example_stream(train, config.seed, start=run.step * run.per_step)
-        metrics = run.out / "metrics.jsonl"
+        was_complete = run.step >= config.steps
         bar = tqdm(total=config.steps, initial=run.step, disable=not run.d.main, desc="train", dynamic_ncols=True)
         # No host-device sync between log steps (losses and norms stay tensors until then, counts come from the
         # CPU batch, pinned copies): on a GPU the next batch is prepared while the last step's kernels still run.
@@ -154,24 +318,51 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
                     _log(run, metrics, {"step": run.step, **_evaluate(run, held_out)})
         bar.close()
         final = run.save(run.step)
-        if held_out and not stop.requested:
+        evaluated = was_complete and any(k.startswith("eval/") for r in _records(metrics) if r.get("step") == run.step
+                                         for k in r)
+        if held_out and not stop.requested and not evaluated:
             _log(run, metrics, {"step": run.step, **_evaluate(run, held_out)})
         if run.d.main and metrics.is_file():
-            _plot(metrics, run.out / "loss.png")
+            _plot(metrics, run.out / PLOT)
     finally:
-        run.close()
+        if run is not None:
+            run.close()
     distributed.teardown()
+    if stop.requested:
+        raise TrainingInterrupted(stop.signum, run.step, config.steps, final)
     return final
 
 
-def _datasets(config: TrainConfig, train_data, eval_data) -> tuple[object, list[Example] | None]:
-    """The training examples (train_data, else config.data's JSONL) and the held-out ones as Examples, or None."""
-    train = train_data if train_data is not None else JsonlDataset(config.data, config.skip_bad) if config.data else None
-    if train is None:
-        raise UsageError("no training data: set data= (a JSONL file) or pass train_data=")
-    held_out = eval_data if eval_data is not None else JsonlDataset(config.eval, config.skip_bad) if config.eval else None
+def _datasets(config: TrainConfig, train_data, eval_data, processor) -> tuple[object, list[Example] | None, list]:
+    """The training examples (train_data, else config.data's JSONL, checked with the processor), the held-out
+    ones as Examples or None, and the JsonlDatasets opened (whose skipped lines are reported)."""
+    opened = []
+    if train_data is not None:
+        train = train_data
+    elif config.data:
+        train = JsonlDataset(config.data, config.skip_bad, processor, config.max_length)
+        opened.append(("", train))
+    else:
+        raise UsageError("no training data: set data= (a JSONL file, --data) or pass train_data=")
+    held_out = eval_data
+    if held_out is None and config.eval:
+        held_out = JsonlDataset(config.eval, config.skip_bad, processor)
+        opened.append(("eval_", held_out))
     held_out = [as_example(e, f"eval example {i}") for i, e in enumerate(held_out)] if held_out is not None else None
-    return train, held_out
+    return train, held_out, opened
+
+
+def _report_skipped(run: Run, metrics: Path, opened: list, to_metrics: bool) -> None:
+    """Say on stderr how many lines of each JSONL were skipped and why; for a run starting at step 0 also
+    as metrics.jsonl's first record."""
+    record = {}
+    for key, ds in opened:
+        if ds.skipped and run.d.main:
+            tqdm.write(f"nanopali: {ds.path}: {ds.skip_summary()} (first: {ds.skipped[0]})", file=sys.stderr)
+            record.update({f"{key}data": str(ds.path), f"{key}skipped_examples": len(ds.skipped),
+                           f"{key}skipped_reasons": dict(ds.skipped_reasons), f"{key}skipped_lines": ds.skipped[:100]})
+    if record and to_metrics:
+        _log(run, metrics, {"step": 0, **record})
 
 
 @dataclass
@@ -189,7 +380,12 @@ def _micro_batches(run: Run, stream: Iterator[Example], meter: _Meter) -> list[t
     config, d = run.config, run.d
     micro = []
     for _ in range(config.grad_accum):
-        examples = [next(stream) for _ in range(config.batch_size * d.world)]
+        try:
+            examples = [next(stream) for _ in range(config.batch_size * d.world)]
+        except StopIteration:  # an iterable (not a Sequence, which repeats in epochs) that ran out
+            raise DataError(f"the training data ran out at step {run.step + 1} of {config.steps}: it needs "
+                            f"{config.steps * run.per_step} examples; pass a sequence (repeated in epochs) or more "
+                            "examples, or fewer steps") from None
         mine = examples[d.rank * config.batch_size:(d.rank + 1) * config.batch_size]
         batch = collate(run.processor, mine, config.max_length)
         n = count(batch["labels"], config.loss_reduction)

@@ -162,6 +162,6 @@ def check_resume_options(saved: dict, current: dict) -> None:
         return str(Path(value).resolve()) if key == "model" else value
     changed = [k for k in (*OPTIONS, "model") if normal(saved, k) != normal(current, k)]
     if changed:
-        raise ValueError("cannot resume this LoRA run with different options (saved -> now): "
+        raise UsageError("cannot resume this LoRA run with different options (saved -> now): "
                          + ", ".join(f"{k}={saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
                          + "; LoRA checkpoints are merged, so resuming needs the same base model and adapters")
