@@ -53,3 +53,17 @@ def test_evaluation_on_a_gpu_scores_as_on_the_cpu(checkpoint, image):
     got = generate_answers(gpu, processor, [e.image for e in examples], [e.prefix for e in examples])
     assert [a.text for a in got] == [a.text for a in want]
     assert evaluate(gpu, processor, examples) == evaluate(cpu, processor, examples)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(prompts=["caption en"], padding_side="middle"), "padding_side must be 'left' or 'right'"),
+    (dict(prompts=["caption en"], max_length=0), "max_length must be a positive int"),
+    (dict(prompts=["caption en"], suffixes=["a", "b"]), "2 suffixes for 1 prompts"),
+    (dict(prompts=["caption en"], suffixes=["<image> a"]), "suffix 0 contains <image>"),
+], ids=["padding side", "max_length 0", "suffix count", "image in suffix"])
+def test_processor_mistakes_are_project_errors(checkpoint, image, call, message):
+    """The CLI prints these as one line (a NanopaliError), and they stay ValueErrors for older callers."""
+    from nanopali.errors import NanopaliError
+    with pytest.raises(NanopaliError, match=message) as caught:
+        Processor.from_pretrained(checkpoint)(images=[image], **call)
+    assert isinstance(caught.value, ValueError)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nanopali.errors import ConfigError, MissingFileError, UsageError
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pixel_values
 from nanopali.inputs.tokenizer import Tokenizer, check_text
 from nanopali.io.json_files import read_json as _read_json
@@ -58,13 +59,13 @@ class Processor:
     ):
         for name, value in (("image_size", image_size), ("num_image_tokens", num_image_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UsageError(f"{name} must be a positive int, got {value!r}")
         for name in ("bos", "eos", "pad"):
             if getattr(tokenizer, f"{name}_id") is None:
-                raise ValueError(f"the tokenizer has no {name} token, which PaliGemma's inputs need; declare {name}_token in tokenizer_config.json")
+                raise UsageError(f"the tokenizer has no {name} token, which PaliGemma's inputs need; declare {name}_token in tokenizer_config.json")
         image_mean, image_std = ([x] * 3 if isinstance(x, (int, float)) else list(x) for x in (image_mean, image_std))
         if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {list(image_mean)} and {list(image_std)}")
+            raise UsageError(f"image_mean and image_std need 3 values (RGB), got {list(image_mean)} and {list(image_std)}")
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
@@ -92,11 +93,11 @@ class Processor:
         prompts = _strings(prompts, "prompt")
         suffixes = None if suffixes is None else _strings(suffixes, "suffix")
         if suffixes is not None and len(suffixes) != len(prompts):
-            raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts; give one suffix per prompt")
+            raise UsageError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts; give one suffix per prompt")
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise UsageError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+            raise UsageError(f"max_length must be a positive int or None, got {max_length!r}")
         per_prompt = _images_per_prompt(images, len(prompts))
         self._check_image_tokens(prompts, suffixes, per_prompt)
 
@@ -151,24 +152,24 @@ class Processor:
         counts = [p.count(token) for p in prompts]
         if any(counts) and not all(counts):
             without = [i for i, c in enumerate(counts) if not c]
-            raise ValueError(f"prompts {without} have no {token} while others do; put {token} in every prompt or in none")
+            raise UsageError(f"prompts {without} have no {token} while others do; put {token} in every prompt or in none")
         for i, (c, imgs) in enumerate(zip(counts, per_prompt)):
             if c and c != len(imgs):
-                raise ValueError(f"prompt {i} contains {c} {token} tokens but has {len(imgs)} images; they must match")
+                raise UsageError(f"prompt {i} contains {c} {token} tokens but has {len(imgs)} images; they must match")
         for i, s in enumerate(suffixes or []):
             if token in s:
-                raise ValueError(f"suffix {i} contains {token}; image tokens belong in the prompt, not in the suffix")
+                raise UsageError(f"suffix {i} contains {token}; image tokens belong in the prompt, not in the suffix")
 
     def _fit(self, i, prefix, suffix, num_images, max_length, truncate_suffix) -> list[int]:
         if len(prefix) > max_length:
             image_tokens = num_images * self.num_image_tokens
-            raise ValueError(
+            raise UsageError(
                 f"prompt {i} takes {len(prefix)} tokens ({image_tokens} image tokens + {len(prefix) - image_tokens} "
                 f"for <bos>, the prompt and \\n), more than max_length={max_length}; shorten it or raise max_length"
             )
         if len(prefix) + len(suffix) > max_length:
             if not truncate_suffix:
-                raise ValueError(
+                raise UsageError(
                     f"prompt {i} with its suffix takes {len(prefix) + len(suffix)} tokens ({len(prefix)} + {len(suffix)} "
                     f"for the suffix and <eos>), more than max_length={max_length}; raise max_length or pass truncate_suffix=True"
                 )
@@ -203,20 +204,20 @@ class Processor:
         falling back to config.json (image_size, num_image_tokens). `overrides` go to the constructor."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+            raise MissingFileError(f"checkpoint directory {path} does not exist")
         tokenizer = Tokenizer.from_pretrained(path)
         settings, source = _image_settings(path)
         model = _model_settings(path)
         for key, what in (("image_size", "the image size"), ("num_image_tokens", "the number of image tokens")):
             if key in settings and key in model and settings[key] != model[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"{path}: {source} gives {what} as {settings[key]} but config.json gives {model[key]}; fix one of them"
                 )
             if key not in settings and key not in model:
-                raise FileNotFoundError(f"{path}: no preprocessor_config.json, processor_config.json or config.json says {what}")
+                raise MissingFileError(f"{path}: no preprocessor_config.json, processor_config.json or config.json says {what}")
             settings.setdefault(key, model.get(key))
         if "image_token_index" in model and model["image_token_index"] != tokenizer.image_token_id:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: config.json says the image token is id {model['image_token_index']}, "
                 f"but the tokenizer has {tokenizer.image_token} at id {tokenizer.image_token_id}"
             )
@@ -245,7 +246,7 @@ def _strings(values, what: str) -> list[str]:
     if not isinstance(values, (list, tuple)):
         raise TypeError(f"{what}s must be a str or a list of str, got {type(values).__name__}")
     if not values:
-        raise ValueError(f"empty batch: no {what}s were given")
+        raise UsageError(f"empty batch: no {what}s were given")
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise TypeError(f"{what} {i} is a {type(v).__name__}, not a str")
@@ -261,13 +262,13 @@ def _is_image(x) -> bool:
 def _images_per_prompt(images, num_prompts: int) -> list[list]:
     """Normalize `images` to one list of images per prompt, checking the counts."""
     if images is None:
-        raise ValueError("no images were given; PaliGemma needs at least one image per prompt")
+        raise UsageError("no images were given; PaliGemma needs at least one image per prompt")
     if _is_image(images):
         images = [images]
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"images must be an image, a list of images or a list of lists, got {type(images).__name__}")
     if not images:
-        raise ValueError("empty batch: no images were given")
+        raise UsageError("empty batch: no images were given")
     nested = [isinstance(x, (list, tuple)) for x in images]
     if any(nested) and not all(nested):
         raise TypeError("images mixes single images and lists of images; use a list of lists for several images per prompt")
@@ -275,10 +276,10 @@ def _images_per_prompt(images, num_prompts: int) -> list[list]:
     if len(per_prompt) != num_prompts:
         noun = "image lists" if all(nested) else "images"
         hint = "" if all(nested) else "; for several images per prompt pass a list of lists"
-        raise ValueError(f"got {len(per_prompt)} {noun} for {num_prompts} prompts; give one per prompt{hint}")
+        raise UsageError(f"got {len(per_prompt)} {noun} for {num_prompts} prompts; give one per prompt{hint}")
     for i, imgs in enumerate(per_prompt):
         if not imgs:
-            raise ValueError(f"prompt {i} has an empty image list; PaliGemma needs at least one image per prompt")
+            raise UsageError(f"prompt {i} has an empty image list; PaliGemma needs at least one image per prompt")
         for j, img in enumerate(imgs):
             if not _is_image(img):
                 raise TypeError(f"image {j} of prompt {i} is a {type(img).__name__}, not an image")
@@ -297,12 +298,12 @@ def _image_settings(path: Path) -> tuple[dict, str | None]:
             if key not in _IMAGE_KEYS:
                 continue
             if key in merged and merged[key] != value:
-                raise ValueError(f"{path}: {origin[key]} and {name} disagree on {key} ({merged[key]!r} vs {value!r})")
+                raise UsageError(f"{path}: {origin[key]} and {name} disagree on {key} ({merged[key]!r} vs {value!r})")
             merged.setdefault(key, value)
             origin.setdefault(key, name)
     for flag, want in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("do_center_crop", False), ("do_pad", False)):
         if merged.get(flag, want) not in (want, None):
-            raise ValueError(f"{path}: {origin[flag]} sets {flag}={merged[flag]}; PaliGemma's preprocessing needs {flag}={want}")
+            raise UsageError(f"{path}: {origin[flag]} sets {flag}={merged[flag]}; PaliGemma's preprocessing needs {flag}={want}")
     out = {}
     if "size" in merged:
         out["image_size"] = _square_size(merged["size"], f"{path}/{origin['size']}")
@@ -319,9 +320,9 @@ def _square_size(size, source: str) -> int:
         return size
     if isinstance(size, dict) and "height" in size and "width" in size:
         if size["height"] != size["width"]:
-            raise ValueError(f"{source}: size {size} is not square; PaliGemma resizes to a square")
+            raise UsageError(f"{source}: size {size} is not square; PaliGemma resizes to a square")
         return int(size["height"])
-    raise ValueError(f"{source}: size {size!r} is not supported; expected {{'height': S, 'width': S}}")
+    raise UsageError(f"{source}: size {size!r} is not supported; expected {{'height': S, 'width': S}}")
 
 
 def _model_settings(path: Path) -> dict:
