@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from nanopali.errors import ConfigError, MissingFileError
+from nanopali.json_files import json_kind, read_json
 
 # Defaults of the transformers config classes (transformers 5.x `configuration_gemma.py`,
 # `configuration_gemma2.py`, `configuration_siglip.py`), applied to fields a file leaves out.
@@ -256,13 +257,7 @@ class PaliGemmaConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
-        try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{file}: not a JSON text file (it is not UTF-8 text; is it a binary file?)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(file))
+        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
 
     def save_pretrained(self, path: str | Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -276,15 +271,6 @@ def _warn_unknown(d: dict, source: str, section: str) -> None:
         warnings.warn(f"{source}: ignoring unknown {section}keys {unknown}", stacklevel=3)
 
 
-def json_kind(value) -> str:
-    """How a JSON value reads in a message: 'null', 'a list', 'a string', 'a number', 'true'…"""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _is_int(value) -> bool:

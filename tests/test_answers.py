@@ -4,12 +4,12 @@ and training-time evaluation: the batch follows the model to its device, and eve
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoint import write_tiny_checkpoint
 
 from nanopali import PaliGemma, Processor, load, stream
 from nanopali.inference.answers import generate_answers, model_inputs
 from nanopali.train.data import Example
 from nanopali.train.evaluate import evaluate
-from tiny_checkpoint import write_tiny_checkpoint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

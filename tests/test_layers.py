@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanopali"
-LAYERS = [("errors", "config", "registry", "paths", "devices"), ("nn", "io", "inputs"), ("models",), ("inference",), ("tasks",),
+LAYERS = [("errors", "json_files", "config", "registry", "paths", "devices"), ("nn", "io", "inputs"), ("models",), ("inference",), ("tasks",),
           ("pipeline",), ("train",), ("cli",), ("world",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

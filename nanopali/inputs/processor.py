@@ -35,7 +35,7 @@ from PIL import Image
 from nanopali.errors import ConfigError, MissingFileError, UsageError
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pixel_values
 from nanopali.inputs.tokenizer import Tokenizer, check_text
-from nanopali.io.json_files import read_json as _read_json
+from nanopali.json_files import read_json as _read_json
 from nanopali.nn.losses import IGNORE_INDEX  # label of positions that carry no loss (prefix and padding)
 
 _IMAGE_KEYS = {"size", "image_seq_length", "image_mean", "image_std", "rescale_factor", "resample",

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from nanopali.errors import MissingFileError, TokenizerError, UsageError
-from nanopali.io.json_files import read_json
+from nanopali.json_files import read_json
 
 IMAGE_TOKEN = "<image>"
 NUM_LOC, NUM_SEG = 1024, 128

@@ -1,4 +1,4 @@
-"""Reading the small JSON files of a checkpoint directory: processor, tokenizer and model settings.
+"""Reading the small JSON files of a checkpoint directory: model config, processor and tokenizer settings.
 
 Every such file is optional (a missing one reads as {}), and a broken one (not UTF-8, not JSON, or JSON that is
 not an object: null, a list, a number…) is an error that names the file, raised as the caller's own error class
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from nanopali.config import json_kind
 
 
 def read_json(file: Path, error: type[Exception] = ValueError) -> dict:
@@ -26,3 +24,14 @@ def read_json(file: Path, error: type[Exception] = ValueError) -> dict:
     if not isinstance(data, dict):
         raise error(f"{file}: {file.name} must hold a JSON object, found {json_kind(data)}")
     return data
+
+
+def json_kind(value) -> str:
+    """How a JSON value reads in a message: 'null', 'a list', 'a string', 'a number', 'true'…"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
