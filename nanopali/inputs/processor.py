@@ -206,7 +206,7 @@ class Processor:
         if not path.is_dir():
             raise MissingFileError(f"checkpoint directory {path} does not exist")
         tokenizer = Tokenizer.from_pretrained(path)
-        settings, source = _image_settings(path)
+        settings, source = image_settings(path)
         model = _model_settings(path)
         for key, what in (("image_size", "the image size"), ("num_image_tokens", "the number of image tokens")):
             if key in settings and key in model and settings[key] != model[key]:
@@ -286,7 +286,7 @@ def _images_per_prompt(images, num_prompts: int) -> list[list]:
     return per_prompt
 
 
-def _image_settings(path: Path) -> tuple[dict, str | None]:
+def image_settings(path: Path) -> tuple[dict, str | None]:
     """Constructor arguments from preprocessor_config.json and processor_config.json (flat or nested), and the file they came from."""
     pre = _read_json(path / "preprocessor_config.json")
     proc = _read_json(path / "processor_config.json")

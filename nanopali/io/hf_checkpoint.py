@@ -181,6 +181,14 @@ def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str) -
         raise CheckpointError(f"checkpoint {where} does not fit the model:\n" + "\n".join(problems))
 
 
+def load_into(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
+    """Assign a checkpoint directory's tensors to `model` (built on the meta device), checked strictly first: the
+    file tensors become the parameters, converted to `dtype` one at a time, with no second copy of the weights."""
+    state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
 def parse_size(size: int | str) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes."""
     if isinstance(size, int):

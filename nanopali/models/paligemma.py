@@ -172,9 +172,7 @@ class PaliGemma(nn.Module):
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
         with torch.device("meta"):
             model = cls(config)
-        state = hf_checkpoint.load_state_dict(path, dtype=dtype, device=device, progress=progress)
-        hf_checkpoint.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
-        model.load_state_dict(state, strict=True, assign=True)
+        hf_checkpoint.load_into(model, path, dtype, device, progress)
         return model
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
