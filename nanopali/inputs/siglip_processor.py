@@ -92,6 +92,7 @@ class SigLIPProcessor:
         path = Path(path)
         if not path.is_dir():
             raise MissingFileError(f"checkpoint directory {path} does not exist")
+        tokenizer = text_tokenizer(path)
         settings, _ = image_settings(path)
         settings.pop("num_image_tokens", None)
         config = read_json(path / "config.json", UsageError)
@@ -101,7 +102,7 @@ class SigLIPProcessor:
                 raise MissingFileError(f"{path}: no preprocessor_config.json or config.json says the image size")
             settings["image_size"] = size
         settings["max_length"] = config.get("text_config", {}).get("max_position_embeddings", 64)
-        return cls(text_tokenizer(path), **{**settings, **overrides})
+        return cls(tokenizer, **{**settings, **overrides})
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the tokenizer files and a preprocessor_config.json that transformers reads too."""

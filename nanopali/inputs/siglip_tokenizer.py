@@ -9,9 +9,9 @@ Two kinds of checkpoint, told apart by their files (never by name):
   encoded as SentencePiece encodes `"<unk>" + piece` with the `<unk>` pieces removed (transformers' way of keeping
   the word-start marker of the first word), the whole text starting with that marker; `</s>` follows.
 - SigLIP 2 (`tokenizer.model`, Gemma's SentencePiece): the PaliGemma tokenizer's rules (inputs/tokenizer.py)
-  without PaliGemma's extra tokens, `<bos>`/`<eos>` as tokenizer_config.json's add_bos_token / add_eos_token say
-  (Gemma's defaults: bos, no eos), lower-cased first when the config says so (`Siglip2Tokenizer`, whose
-  normalizer lower-cases, or do_lower_case).
+  without PaliGemma's extra tokens, `<bos>`/`<eos>` only as tokenizer_config.json's add_bos_token / add_eos_token
+  say (transformers 5 adds neither when they are not written), lower-cased first when the config says so
+  (`Siglip2Tokenizer`, whose normalizer lower-cases, or do_lower_case).
 
 Both are cut to `max_length` keeping their closing token (transformers' truncation=True; big_vision's "sticky"
 eos) and padded to exactly `max_length` with the pad id, on the side tokenizer_config.json names (transformers'
@@ -113,7 +113,7 @@ class SiglipTokenizer:
 class GemmaTextTokenizer:
     """SigLIP 2's text tokenizer: Gemma's SentencePiece (inputs/tokenizer.py) with optional bos/eos and lower-casing."""
 
-    def __init__(self, tokenizer: Tokenizer, add_bos: bool = True, add_eos: bool = False, lower: bool = False,
+    def __init__(self, tokenizer: Tokenizer, add_bos: bool = False, add_eos: bool = False, lower: bool = False,
                  padding_side: str = "left"):
         self.tokenizer, self.add_bos, self.add_eos, self.lower = tokenizer, add_bos, add_eos, lower
         self.padding_side = padding_side
@@ -157,7 +157,7 @@ def text_tokenizer(folder: str | Path) -> SiglipTokenizer | GemmaTextTokenizer:
     if (folder / "tokenizer.model").is_file():
         lower = config.get("tokenizer_class") == "Siglip2Tokenizer" or bool(config.get("do_lower_case", False))
         return GemmaTextTokenizer(Tokenizer.from_pretrained(folder, paligemma_tokens=False),
-                                  add_bos=bool(config.get("add_bos_token", True)),
+                                  add_bos=bool(config.get("add_bos_token", False)),
                                   add_eos=bool(config.get("add_eos_token", False)), lower=lower,
                                   padding_side=side or "left")
     hint = " (there is a tokenizer.json, but nanopali needs the SentencePiece model)" if (folder / "tokenizer.json").is_file() else ""
