@@ -51,3 +51,24 @@ def inputs(name: str, n_images: int = 3, n_texts: int = 4, seed: int = 0) -> dic
     size = vision["image_size"]
     return dict(input_ids=torch.randint(0, text["vocab_size"], (n_texts, text["max_position_embeddings"]), generator=g),
                 pixel_values=torch.rand(n_images, 3, size, size, generator=g) * 2 - 1)
+
+
+PIPELINE = (dict(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=16),
+            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8))
+
+
+def write_checkpoint(folder, variant: str = "siglip", seed: int = 0):
+    """A complete tiny SigLIP checkpoint directory (transformers' weights, a tokenizer trained here, the
+    preprocessor config) for the pipeline and CLI tests; returns transformers' model."""
+    import _spm
+
+    CONFIGS["pipeline"] = PIPELINE
+    try:
+        model = hf_model("pipeline", seed=seed, std=0.2)
+    finally:
+        del CONFIGS["pipeline"]
+    model.save_pretrained(folder)
+    _spm.write_siglip_checkpoint(folder, variant, image_size=PIPELINE[1]["image_size"])
+    return model

@@ -1,6 +1,6 @@
 """The package's layers: every import goes down the data flow, never up, and `import nanopali` stays light.
 
-    config, siglip_config, registry, paths, errors, devices  <  nn, io, inputs  <  models  <  inference  <  tasks  <  pipeline
+    config, siglip_config, registry, paths, errors, devices  <  nn, io, inputs  <  models  <  inference  <  tasks  <  pipeline, zero_shot
     <  train  <  cli  <  world
 
 A module may import its own layer and the ones before it. The model files are plain PyTorch (they never
@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanopali"
 LAYERS = [("errors", "json_files", "config", "siglip_config", "registry", "paths", "devices"), ("nn", "io", "inputs"), ("models",), ("inference",), ("tasks",),
-          ("pipeline",), ("train",), ("cli",), ("world",)]
+          ("pipeline", "zero_shot"), ("train",), ("cli",), ("world",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
