@@ -99,11 +99,16 @@ class SigLIP(nn.Module):
         return clip_loss(image_features, text_features, self.logit_scale)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                return_loss: bool = False) -> SigLIPOutput:
+                return_loss: bool = False, loss_fn=None) -> SigLIPOutput:
+        """Logits of every image with every text; with return_loss, the loss of matching pairs (row i of each).
+        `loss_fn(image_features, text_features, logit_scale, logit_bias)` replaces the one-process loss (the
+        trainer passes the multi-process one of train/losses.py, which needs only this process's features)."""
         image = self.get_image_features(pixel_values)
         text = self.get_text_features(input_ids, attention_mask)
         if return_loss and image.shape[0] != text.shape[0]:
             raise UsageError(f"return_loss needs matching pairs: got {image.shape[0]} images and {text.shape[0]} texts")
+        if loss_fn is not None:
+            return SigLIPOutput(loss=loss_fn(image, text, self.logit_scale, self.logit_bias))
         logits = self.logits(image, text)
         return SigLIPOutput(logits_per_image=logits, logits_per_text=logits.T, image_embeds=F.normalize(image, dim=-1),
                             text_embeds=F.normalize(text, dim=-1), loss=self.loss(image, text) if return_loss else None)
