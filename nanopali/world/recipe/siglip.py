@@ -1,0 +1,181 @@
+"""The shipped contrastive model's recipe: a small SigLIP trained from scratch on the toy world's image-text pairs.
+
+    python scripts/make_default_siglip.py --work runs/siglip      # data, init, train, ship (each resumable)
+
+Sizes: the vision tower is the default PaliGemma's (cycles.VISION, 128 px, 16 px patches) with SigLIP's
+attention-pooling head, so it can warm-start PaliGemma's; the text tower is smaller (4 layers of 256) over the
+world's tokenizer (the default PaliGemma's, without PaliGemma's extra tokens), texts padded to 32 tokens on the
+right with <eos> at their end. Data: scenes of the training seed, each paired with three texts (world/siglip.py
+pair_texts); training: nanopali's trainer with --objective siglip (or clip, for the comparison in BENCHMARKS.md),
+from the paper's initial temperature and bias. Held-out scores: world/siglip.py on seed 3 (the card's) and seed 11.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from nanopali.config import VisionConfig
+from nanopali.inputs.siglip_processor import SigLIPProcessor
+from nanopali.inputs.siglip_tokenizer import GemmaTextTokenizer
+from nanopali.inputs.tokenizer import Tokenizer
+from nanopali.models.contrastive import SigLIP
+from nanopali.paths import DEFAULT_MODEL_DIR, DEFAULT_SIGLIP_DIR
+from nanopali.siglip_config import SigLIPConfig, SiglipTextConfig
+from nanopali.train import TrainConfig, checkpoint, fit
+from nanopali.world.recipe.cycles import IMAGE_SIZE, SEEDS, VISION
+from nanopali.world.scenes import make_scene, scene_rng
+from nanopali.world.siglip import pair_texts
+
+TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=32)
+N_SCENES = 30000
+TRAIN = dict(objective="siglip", steps=2000, batch_size=64, lr=1e-3, warmup_steps=150, min_lr_ratio=0.05,
+             weight_decay=1e-4, save_every=100, keep_checkpoints=2, log_every=10, seed=2)
+EVAL_SEEDS = (3, 11)
+
+
+def write_pairs(out: Path, seed: int, n: int, size: int = IMAGE_SIZE) -> None:
+    """Scenes 0..n-1 of `seed` into the npz `out`: images uint8 (n, size, size, 3) and their texts (n, 3)."""
+    chunks = [(seed, a, min(a + 1000, n), size) for a in range(0, n, 1000)]
+    with Pool(os.cpu_count() or 2) as pool:
+        parts = list(tqdm(pool.imap(_chunk, chunks), total=len(chunks), desc="pairs"))
+    np.savez(out, images=np.concatenate([p[0] for p in parts]), texts=np.concatenate([p[1] for p in parts]))
+
+
+def _chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, start, stop, size = args
+    images, texts = [], []
+    for i in range(start, stop):
+        rng = scene_rng(seed, i)
+        scene = make_scene(rng, size=size)
+        images.append(np.asarray(scene.image))
+        texts.append(pair_texts(scene, rng))
+    return np.stack(images), np.array(texts)
+
+
+class WorldPairs(Sequence):
+    """The pairs of a pairs npz as the trainer's {"image", "text"} items: every scene with each of its texts."""
+
+    def __init__(self, path: Path):
+        data = np.load(path)
+        self.images, self.texts = data["images"], data["texts"]
+
+    def __len__(self) -> int:
+        return self.texts.size
+
+    def __getitem__(self, k: int) -> dict:
+        scene, j = divmod(k, self.texts.shape[1])
+        return {"image": Image.fromarray(self.images[scene]), "text": str(self.texts[scene, j])}
+
+
+def stage_data(work: Path) -> Path:
+    out = work / "pairs-train.npz"
+    if not out.is_file():
+        write_pairs(out, SEEDS["train"], N_SCENES)
+    return out
+
+
+def processor(image_size: int = IMAGE_SIZE, max_length: int = TEXT["max_position_embeddings"]) -> SigLIPProcessor:
+    """The world tokenizer (the default PaliGemma's) for text, texts padded on the right and closed with <eos>."""
+    tokenizer = GemmaTextTokenizer(Tokenizer.from_pretrained(DEFAULT_MODEL_DIR, paligemma_tokens=False),
+                                   add_bos=False, add_eos=True, padding_side="right")
+    return SigLIPProcessor(tokenizer, image_size=image_size, max_length=max_length)
+
+
+def init_model(out: Path, objective: str, vision: dict = VISION, text: dict = TEXT) -> Path:
+    """From-scratch weights of the given sizes (the objective's initial temperature and bias) and processor files."""
+    if not (out / "config.json").is_file():
+        proc = processor(vision["image_size"], text["max_position_embeddings"])
+        config = SigLIPConfig(SiglipTextConfig(vocab_size=proc.tokenizer.vocab_size, pad_token_id=proc.tokenizer.pad_id,
+                                               bos_token_id=None, eos_token_id=proc.tokenizer.eos_id, **text),
+                              VisionConfig(**vision, vision_use_head=True), objective=objective)
+        torch.manual_seed(SEEDS["train"])
+        SigLIP(config).init_weights().save_pretrained(out)
+        proc.save_pretrained(out)
+    return out
+
+
+def stage_init(work: Path, objective: str = "siglip") -> Path:
+    return init_model(work / f"init-{objective}", objective)
+
+
+def stage_train(work: Path, name: str = "run", **changes) -> Path:
+    """nanopali's trainer on the pairs; `changes` override TRAIN (objective, batch_size, steps... for comparisons)."""
+    options = {**TRAIN, **changes}
+    init = stage_init(work, options["objective"])
+    config = TrainConfig(model=str(init), out=str(work / name), resume=True, **options)
+    return fit(config, train_data=WorldPairs(stage_data(work)))
+
+
+def stage_ship(work: Path, n_eval: int = 1000) -> Path:
+    """The trained model in bf16 with its processor files into nanopali/world/default_siglip/, scored on the held-out
+    seeds (WORK/metrics.json), with its model card."""
+    from nanopali.world.siglip import evaluate_world_contrastive
+    from nanopali.zero_shot import Contrastive
+
+    final = checkpoint.latest(work / "run")
+    model = SigLIP.from_pretrained(final).eval()
+    clip = Contrastive(model, SigLIPProcessor.from_pretrained(final))
+    metrics = {f"seed{s}": evaluate_world_contrastive(clip, n_eval, seed=s) for s in EVAL_SEEDS}
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(DEFAULT_SIGLIP_DIR, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(DEFAULT_SIGLIP_DIR)
+    SigLIPProcessor.from_pretrained(final).save_pretrained(DEFAULT_SIGLIP_DIR)
+    return DEFAULT_SIGLIP_DIR
+
+
+STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": stage_ship}  # + "compare", below
+
+# ------------------------------------------------------------------ sigmoid vs softmax in miniature
+
+# A miniature of the model for the comparison (64 px scenes, 16 tokens per image): every run sees the same
+# EXAMPLES pairs in the same order from the same init, at each objective's initial temperature and bias; only the
+# objective and the batch size (hence the number of steps) change.
+MINI_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+                   patch_size=16)
+MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2)
+COMPARE = dict(batch_sizes=(32, 128, 512), examples=96_000, scenes=20000, lr=1e-3)
+
+
+def compare(work: Path) -> dict:
+    """Train and score every (objective, batch size) of the miniature; results in WORK/compare.json (resumable)."""
+    from nanopali.world.siglip import evaluate_world_contrastive
+    from nanopali.zero_shot import Contrastive
+
+    data = work / "pairs-mini.npz"
+    if not data.is_file():
+        write_pairs(data, SEEDS["train"], COMPARE["scenes"], size=MINI_VISION["image_size"])
+    results_file = work / "compare.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for objective in ("siglip", "clip"):
+        init = init_model(work / f"mini-init-{objective}", objective, MINI_VISION, MINI_TEXT)
+        for batch in COMPARE["batch_sizes"]:
+            name = f"{objective}-{batch}"
+            if name in results:
+                continue
+            steps = COMPARE["examples"] // batch
+            config = TrainConfig(model=str(init), out=str(work / f"mini-{name}"), resume=True, objective=objective,
+                                 steps=steps, batch_size=batch, lr=COMPARE["lr"], warmup_steps=max(1, steps // 10),
+                                 min_lr_ratio=0.05, weight_decay=1e-4, log_every=10, seed=2)
+            start = time.perf_counter()
+            final = fit(config, train_data=WorldPairs(data))
+            seconds = time.perf_counter() - start
+            clip = Contrastive(SigLIP.from_pretrained(final).eval(), SigLIPProcessor.from_pretrained(final))
+            results[name] = {"steps": steps, "seconds": seconds,
+                             **evaluate_world_contrastive(clip, 1000, seed=3, size=MINI_VISION["image_size"])}
+            results_file.write_text(json.dumps(results, indent=2))
+    return results
+
+
+STAGES["compare"] = compare
