@@ -40,7 +40,7 @@ from nanopali.world.siglip import pair_texts
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=32)
 N_SCENES = 30000
-TRAIN = dict(objective="siglip", steps=2000, batch_size=64, lr=1e-3, warmup_steps=150, min_lr_ratio=0.05,
+TRAIN = dict(objective="siglip", steps=3000, batch_size=32, lr=7e-4, warmup_steps=200, min_lr_ratio=0.05,
              weight_decay=1e-4, save_every=100, keep_checkpoints=2, log_every=10, seed=2)
 EVAL_SEEDS = (3, 11)
 
