@@ -79,13 +79,13 @@ class VisionConfig:
             raise ConfigError(f"vision_config.num_channels is {self.num_channels!r}; PaliGemma takes RGB images (3 channels)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not isinstance(self.vision_use_head, bool):
             raise ConfigError(f"vision_config.vision_use_head must be true or false, got {self.vision_use_head!r}")
 
     @property
     def num_patches(self) -> int:
+        """Patches the stride-patch_size convolution makes: a remainder of the image (SigLIP so400m-patch14-384's
+        6 pixels) is not seen, as in transformers and big_vision."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
@@ -178,6 +178,9 @@ class PaliGemmaConfig:
             raise ConfigError(f"image_token_index must be a token id (an integer >= 0), got {self.image_token_index!r}")
         if self.vision_config.vision_use_head:
             raise ConfigError("vision_config.vision_use_head is true; PaliGemma's SigLIP tower has no pooling head")
+        v = self.vision_config
+        if v.image_size % v.patch_size:  # every PaliGemma resolution is a multiple: anything else is a typo
+            raise ConfigError(f"vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
 
     @property
     def num_image_tokens(self) -> int:

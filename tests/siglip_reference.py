@@ -53,7 +53,7 @@ def inputs(name: str, n_images: int = 3, n_texts: int = 4, seed: int = 0) -> dic
                 pixel_values=torch.rand(n_images, 3, size, size, generator=g) * 2 - 1)
 
 
-PIPELINE = (dict(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+PIPELINE = (dict(vocab_size=600, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=16),
             dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                  patch_size=8))

@@ -155,3 +155,30 @@ def test_init_weights_starts_where_the_paper_does():
     for n in (4, 16):  # ~10 (the positives' -log σ(-10)) whatever B; zeros would start at ~0.69 * B
         batch = inputs("proj", n_images=n, n_texts=n)
         assert 9.0 < model(**batch, return_loss=True).loss.item() < 11.0
+
+
+# The published sizes (the config.json of google/siglip-base-patch16-224 and google/siglip-so400m-patch14-384;
+# SigLIP 2's base-patch16-224 differs from the first in its 256000-id Gemma vocabulary), built by transformers and
+# by nanopali on the meta device: the same tensor names and shapes, so the real checkpoints load unchanged.
+PUBLISHED = {
+    "siglip-base-patch16-224": (dict(), dict()),
+    "siglip-so400m-patch14-384": (dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+                                  dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                       num_attention_heads=16, image_size=384, patch_size=14)),
+    "siglip2-base-patch16-224": (dict(vocab_size=256000), dict()),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_sizes_have_transformers_tensor_names_and_shapes(name):
+    from transformers import SiglipConfig as HFConfig
+
+    text, vision = PUBLISHED[name]
+    hf_config = HFConfig(text_config=dict(text, bos_token_id=None, eos_token_id=1), vision_config=vision)
+    with torch.device("meta"):
+        hf = SiglipModel(hf_config)
+    config = SigLIPConfig.from_hf_dict(hf_config.to_dict())
+    with torch.device("meta"):
+        ours = SigLIP(config)
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs

@@ -67,6 +67,16 @@ def test_classify_equals_transformers(checkpoint, clip, images):
     assert clip.classify(str(files[0]), "a red circle, a yellow star")[0][0] in ("a red circle", "a yellow star")
 
 
+def test_a_siglip2_checkpoint_classifies_as_transformers(tmp_path):
+    """SigLIP 2's fixed-resolution checkpoints: the same model with a Gemma tokenizer (lower-casing, <eos>)."""
+    model = write_checkpoint(tmp_path, variant="siglip2-lower-eos", seed=1)
+    clip = nanopali.load_contrastive(tmp_path)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    labels = ["A Red Circle", "two BLUE squares", "a yellow star"]
+    want = reference_logits((tmp_path, model), [image], labels)[0].sigmoid()
+    assert dict(clip.classify(image, labels)) == pytest.approx(dict(zip(labels, want.tolist())), rel=1e-4)
+
+
 def test_embeddings_are_normalized_features(checkpoint, clip, images):
     files = sorted(images.glob("*.png"))
     emb = clip.embed_images(files)
