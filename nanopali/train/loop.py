@@ -45,7 +45,7 @@ from nanopali.nn.losses import REDUCTIONS
 from nanopali.train import distributed, lora
 from nanopali.train.checkpoint import METRICS, PLOT
 from nanopali.train.data import Example, Pair, as_example, example_stream
-from nanopali.train.objectives import OBJECTIVES, check_options, objective
+from nanopali.train.objectives import OBJECTIVES, check_options
 from nanopali.train.run_state import Run, begin_run, start_run
 
 
@@ -207,9 +207,6 @@ def _check_values(c: TrainConfig) -> None:
         ("eval_max_new_tokens", c.eval_max_new_tokens >= 1, "at least 1"),
         ("log_every", c.log_every >= 1, "at least 1"),
         ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
-        ("recipe", c.objective not in OBJECTIVES or c.recipe in objective(c.objective).recipes,
-         f"one of {', '.join(objective(c.objective).recipes) if c.objective in OBJECTIVES else ''} "
-         f"(for --objective {c.objective})"),
         ("lora_rank", c.lora_rank >= 0, "at least 0 (0: no LoRA)"),
         ("lora_alpha", finite(c.lora_alpha) and c.lora_alpha > 0, "a finite number > 0"),
         ("lora_dropout", 0 <= c.lora_dropout < 1, "at least 0 and below 1"),
@@ -219,7 +216,7 @@ def _check_values(c: TrainConfig) -> None:
     for name, ok, rule in rules:
         if not ok:
             raise UsageError(f"training option {name} ({_flag(name)}) must be {rule}, got {getattr(c, name)!r}")
-    check_options(c)
+    check_options(c)  # the recipe and the options that depend on the objective
     if c.resume and c.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          f"{c.out}, --overwrite deletes it and starts over; pass one of them")

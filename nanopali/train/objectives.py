@@ -54,7 +54,7 @@ class Suffix:
         batch = collate(processor, items, config.max_length)
         return batch, suffix_count(batch["labels"], config.loss_reduction), int(batch["attention_mask"].sum())
 
-    def loss(self, wrapped, batch, config, denominator: float, group=None) -> torch.Tensor:
+    def loss(self, wrapped, batch, config, denominator: float) -> torch.Tensor:
         return wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
                        denominator=denominator).loss
 
@@ -94,8 +94,9 @@ class Contrastive:
         batch = collate_pairs(processor, items)
         return batch, len(items), int(batch["input_ids"].numel())
 
-    def loss(self, wrapped, batch, config, denominator: float, group=None) -> torch.Tensor:
-        return wrapped(**batch, return_loss=True, loss_fn=partial(contrastive_loss, self.name, group=group)).loss
+    def loss(self, wrapped, batch, config, denominator: float) -> torch.Tensor:
+        """This process's share of the global batch's loss (train/losses.py); `denominator` is the suffix loss's."""
+        return wrapped(**batch, return_loss=True, loss_fn=partial(contrastive_loss, self.name)).loss
 
     def evaluate(self, model, processor, items, config) -> dict:
         return evaluate_contrastive(model, processor, items, config.batch_size)
@@ -111,7 +112,12 @@ def objective(name: str) -> Suffix | Contrastive:
 
 
 def check_options(config) -> None:
-    """The options an objective cannot take: a UsageError naming the option and why."""
+    """The recipe is one of the objective's, and the options it cannot take are not given: a UsageError naming the
+    option and why."""
+    recipes = objective(config.objective).recipes
+    if config.recipe not in recipes:
+        raise UsageError(f"training option recipe (--recipe) must be one of {', '.join(recipes)} for --objective "
+                         f"{config.objective}, got {config.recipe!r}")
     if config.objective == "suffix":
         return
     if config.grad_accum != 1:
