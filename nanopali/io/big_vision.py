@@ -41,9 +41,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,11 +190,20 @@ class Array:
     shape: tuple[int, ...]
     dtype: np.dtype
     fortran_order: bool
+    header_bytes: int  # the .npy header's length: the data starts after it
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class NpzFile:
     """An .npz opened for streaming: every array's shape and dtype from its .npy header (no data read), and its
-    data in chunks (`blocks`). Keys lose a leading `params/`. Problems are CheckpointErrors naming the file."""
+    data in chunks (`blocks`). Keys lose a leading `params/`. Problems are CheckpointErrors naming the file.
+
+    Stored (uncompressed) members, as np.savez writes them, are read at their offset in the file, straight into
+    the chunk buffer (no CRC check: like safetensors; a truncated file is still found); deflated ones through
+    zipfile, which decompresses and checks their CRC."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -212,7 +223,11 @@ class NpzFile:
                 raise CheckpointError(f"{self.path}: the array {key!r} is stored twice (with and without {PREFIX!r})")
             with self._open(info) as f:
                 shape, fortran, dtype = self._header(f, key)
-            self.arrays[key] = Array(info, shape, dtype, fortran)
+                a = Array(info, shape, dtype, fortran, f.tell())
+            if a.header_bytes + a.nbytes != info.file_size:
+                raise CheckpointError(f"{self.path}: the array {key!r} holds {info.file_size - a.header_bytes} bytes but "
+                                      f"its .npy header describes {a.nbytes} ({dtype.str} {shape}); is the file corrupt?")
+            self.arrays[key] = a
         self.compressed = any(a.info.compress_type != zipfile.ZIP_STORED for a in self.arrays.values())
 
     def __enter__(self) -> "NpzFile":
@@ -236,7 +251,32 @@ class NpzFile:
                 return np.lib.format.read_array_header_2_0(f)
             raise ValueError(f".npy format version {version} is not supported")
         except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
-            raise CheckpointError(f"{self.path}: the array {key!r} has no readable .npy header ({e})") from None
+            raise CheckpointError(f"{self.path}: the array {key!r} has no readable .npy header ({e}); is the file "
+                                  "truncated or corrupt?") from None
+
+    @contextmanager
+    def _data(self, key: str):
+        """A binary file object at the first data byte of array `key`; on leaving, a deflated member is read to
+        its end, which makes zipfile check its CRC."""
+        a = self.arrays[key]
+        try:
+            if a.info.compress_type == zipfile.ZIP_STORED:
+                with open(self.path, "rb", buffering=0) as f:
+                    f.seek(a.info.header_offset)
+                    local = f.read(30)  # the zip's local file header: signature ... name length, extra length
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise zipfile.BadZipFile("bad local file header")
+                    name, extra = struct.unpack("<HH", local[26:30])
+                    f.seek(a.info.header_offset + 30 + name + extra + a.header_bytes)
+                    yield f
+                return
+            with self.zip.open(a.info) as f:
+                self._read(f, key, a.header_bytes)
+                yield f
+                if f.read(1):
+                    raise zipfile.BadZipFile("more data than its .npy header describes")
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise CheckpointError(f"{self.path}: cannot read the array {key!r} ({e}); is the file truncated or corrupt?") from None
 
     def blocks(self, key: str, stack_dims: int) -> Iterator[tuple[tuple[int, ...], int, torch.Tensor]]:
         """Yield (stack index, first row, rows) of array `key` in file order: the rows are consecutive slices of
@@ -247,40 +287,30 @@ class NpzFile:
         rows, row_shape = (block[0], block[1:]) if block else (1, ())
         row_bytes = math.prod(row_shape) * a.dtype.itemsize
         per_chunk = max(1, CHUNK // max(row_bytes, 1))
-        buffer = bytearray(min(rows, per_chunk) * row_bytes)
-        with self._open(a.info) as f:
-            self._header(f, key)
-            if a.fortran_order:  # rare (np.savez of a transposed numpy array): read the whole array
-                whole = self._tensor(self._read(f, key, math.prod(a.shape) * a.dtype.itemsize), a.dtype,
-                                     a.shape[::-1]).permute(*reversed(range(len(a.shape))))
+        with self._data(key) as f:
+            if a.fortran_order:  # rare (np.savez of a transposed numpy array): the whole array, then its blocks
+                whole = self._tensor(self._read(f, key, a.nbytes), a.dtype, a.shape[::-1]).permute(
+                    *reversed(range(len(a.shape))))
+                for index in np.ndindex(*stack):
+                    yield index, 0, whole[index]
+                return
+            buffer = bytearray(min(rows, per_chunk) * row_bytes)
             for index in np.ndindex(*stack):
                 for r0 in range(0, rows, per_chunk):
                     n = min(per_chunk, rows - r0)
-                    if a.fortran_order:
-                        yield index, r0, whole[index][r0:r0 + n] if block else whole[index]
-                        continue
-                    view = memoryview(buffer)[:n * row_bytes]
-                    self._read(f, key, len(view), into=view)
+                    view = self._read(f, key, n * row_bytes, into=memoryview(buffer)[:n * row_bytes])
                     yield index, r0, self._tensor(view, a.dtype, (n, *row_shape) if block else ())
-            self._read(f, key, 0, end=True)
 
-    def _read(self, f, key: str, nbytes: int, into: memoryview | None = None, end: bool = False):
-        """Exactly `nbytes` of the member (into `into`, or returned); `end`: check the member ends here (and its CRC)."""
-        try:
-            if end:
-                if f.read(1):
-                    raise zipfile.BadZipFile("more data than its .npy header describes")
-                return None
-            out = into if into is not None else memoryview(bytearray(nbytes))
-            done = 0
-            while done < nbytes:
-                got = f.readinto(out[done:])
-                if not got:
-                    raise EOFError(f"it ends after {done} of {nbytes} bytes")
-                done += got
-            return out
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise CheckpointError(f"{self.path}: cannot read the array {key!r} ({e}); is the file truncated or corrupt?") from None
+    def _read(self, f, key: str, nbytes: int, into: memoryview | None = None) -> memoryview:
+        """Exactly `nbytes` from `f` (into `into`, or a new buffer)."""
+        out = into if into is not None else memoryview(bytearray(nbytes))
+        done = 0
+        while done < nbytes:
+            got = f.readinto(out[done:])
+            if not got:
+                raise EOFError(f"the array {key!r} ends after {done} of {nbytes} bytes")
+            done += got
+        return out
 
     @staticmethod
     def _tensor(raw: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> torch.Tensor:
