@@ -4,7 +4,7 @@ Google's unmodified big_vision code made them on tiny random PaliGemma 1 and 2 m
 Forward logits within 1e-4 (PG1) / 1e-3 (PG2) of big_vision's on every position, the projected image embeddings
 within 1e-5, greedy tokens identical and the cached decode's per-step logits equal, for the float32 and the
 bfloat16 (`|V2`) files; the soft-cap and sliding-window differences shown on the same data; the reader's
-mapping written back bit for bit.
+mapping written back bit for bit; `nanopali convert` loaded by transformers with equal logits.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_logits
+from transformers import PaliGemmaForConditionalGeneration
 
 from nanopali import PaliGemma, PaliGemmaConfig
+from nanopali.cli import main
 from nanopali.inference.decode import prefill
 from nanopali.inference.generate import generate
 from nanopali.io import big_vision
@@ -217,3 +220,24 @@ def test_fused_qkv_einsum_when_every_head_has_its_kv_head(tmp_path):
     np.testing.assert_array_equal(q, w.view(4, 32, 64).permute(0, 2, 1).numpy())  # q[n, d, h] = w[n * H + h, d]
     loaded = PaliGemma.from_big_vision(path, cfg, dtype=torch.float32).state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+@pytest.mark.parametrize("name", ["pg1-tiny", "pg2-tiny"])
+def test_convert_writes_a_directory_transformers_loads_with_equal_logits(tmp_path, capsys, name):
+    out_dir = tmp_path / "hf"
+    code = main(["convert", str(FIXTURES / name / "params.npz"), str(out_dir), "--config", str(FIXTURES / name / "config.json"),
+                 "--dtype", "float32", "--max-shard-size", "200KB"])
+    assert code == 0, capsys.readouterr().err
+    assert "no tokenizer" in capsys.readouterr().out
+    assert len(list(out_dir.glob("model-*.safetensors"))) > 1
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(out_dir, attn_implementation="eager").eval()
+    batch = forward_inputs(name)
+    theirs = hf_logits(hf, batch)
+    with torch.no_grad():
+        ours = PaliGemma.from_pretrained(out_dir).eval()(**batch).logits
+        direct = load(name, "params.npz")(**batch).logits
+    assert (theirs - ours).abs().max() < 1e-5 * theirs.abs().max(), "f32 rounding of two implementations"
+    assert torch.equal(ours, direct), "the converted directory is the npz, tensor for tensor"
+    assert (theirs[..., :VOCAB] - torch.from_numpy(ref(name, "outputs.npz")["logits"])).abs().max() < TOL[name]

@@ -223,6 +223,25 @@ class Processor:
             )
         return cls(tokenizer, **{**settings, **overrides})
 
+    @classmethod
+    def from_config(cls, config, tokenizer: Tokenizer | str | Path, **overrides) -> "Processor":
+        """The processor of a checkpoint that is only weights (a big_vision .npz): `tokenizer` is a Tokenizer or
+        the path of a SentencePiece model (big_vision's `paligemma_tokenizer.model`, `<loc>`/`<seg>` baked in,
+        `<image>` appended after them), the image size and token count come from `config` (a PaliGemmaConfig),
+        and pixels are scaled to [-1, 1] as big_vision does. `overrides` go to the constructor."""
+        if not isinstance(tokenizer, Tokenizer):
+            if not Path(tokenizer).expanduser().is_file():
+                raise MissingFileError(f"tokenizer file {tokenizer} does not exist")
+            tokenizer = Tokenizer.from_pretrained(Path(tokenizer).expanduser())
+        rows = config.text_config.vocab_size
+        if tokenizer.image_token_id != config.image_token_index:
+            raise ConfigError(f"the tokenizer has {tokenizer.image_token} at id {tokenizer.image_token_id} but the config's "
+                              f"image_token_index is {config.image_token_index}: they do not belong together")
+        if len(tokenizer) > rows:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows "
+                              "(text_config.vocab_size): they do not belong together")
+        return cls(tokenizer, config.vision_config.image_size, config.num_image_tokens, **overrides)
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write the tokenizer files and a preprocessor_config.json that transformers reads too."""
         path = Path(path)
