@@ -35,6 +35,7 @@ from PIL import Image
 from nanopali.errors import ConfigError, MissingFileError, UsageError
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pixel_values
 from nanopali.inputs.tokenizer import Tokenizer, check_text
+from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.json_files import read_json as _read_json
 from nanopali.nn.losses import IGNORE_INDEX  # label of positions that carry no loss (prefix and padding)
 
@@ -203,6 +204,8 @@ class Processor:
         """Tokenizer files plus image settings from preprocessor_config.json / processor_config.json,
         falling back to config.json (image_size, num_image_tokens). `overrides` go to the constructor."""
         path = Path(path)
+        if path.is_file():
+            checkpoint_dir(path)  # raises: a file is not a checkpoint directory (an .npz is told how to load)
         if not path.is_dir():
             raise MissingFileError(f"checkpoint directory {path} does not exist")
         tokenizer = Tokenizer.from_pretrained(path)

@@ -341,7 +341,7 @@ def load_state_dict(path: str | os.PathLike, config: PaliGemmaConfig, dtype: tor
         total = sum(npz.arrays[key].info.file_size for key in stack_dims)
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   leave=False) as bar:
-            for key, array in npz.arrays.items():  # file order: one pass over the file
+            for key in npz.arrays:  # file order: one pass over the file
                 for index, r0, chunk in npz.blocks(key, stack_dims[key]):
                     view = views[key, index]
                     (view[r0:r0 + len(chunk)] if chunk.ndim else view).copy_(chunk)
@@ -396,7 +396,8 @@ def save_npz(tensors: Mapping[str, torch.Tensor], config: PaliGemmaConfig, path:
              progress: bool = False) -> Path:
     """Write nanopali's parameters (`tensors[name]`, each read once, so a lazy mapping works) as a big_vision
     checkpoint in the release layout: sorted `params/…` keys, float32 or bfloat16 (`|V2`) arrays, the first
-    `embedding_rows` rows of the embedding (default: all). Written to a temporary file and renamed."""
+    `embedding_rows` rows of the embedding (default: all); `compress=True` deflates them. Written to a temporary
+    file and renamed."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"big_vision checkpoints are float32 or bfloat16, not {dtype}")
     blocks = layout(config)

@@ -56,6 +56,10 @@ def checkpoint_dir(path: str | Path) -> Path:
     """`path` as a Path, checked to be a directory: a file (model.safetensors, config.json…) is a CheckpointError
     that says to pass its folder, a path that does not exist a MissingFileError."""
     path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        raise CheckpointError(f"{path} is a big_vision .npz, not a checkpoint directory: load it with its config "
+                              "(PaliGemma.from_big_vision, nanopali.load(..., config=), --config) or write a directory "
+                              "from it once with `nanopali convert`")
     if path.is_file():
         raise CheckpointError(f"{path} is a file; a model is a checkpoint directory (config.json, model.safetensors, "
                               f"tokenizer.model…): pass the folder that holds it")
