@@ -23,18 +23,22 @@ import numpy as np
 import torch
 
 from nanopali.devices import resolve_device, resolve_dtype
-from nanopali.errors import UsageError
+from nanopali.errors import MissingFileError, UsageError
 from nanopali.inference.answers import generate_answers
 from nanopali.inference.runtime import Runtime, prepare
 from nanopali.inference.streaming import stream
 from nanopali.inputs.images import load_image
 from nanopali.inputs.processor import Processor
+from nanopali.io import big_vision
 from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.models.paligemma import PaliGemma
 from nanopali.paths import default_model_dir
+from nanopali.registry import resolve_config
 from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
 
 VAE_FILE = "vae-oid.npz"
+TOKENIZER_FILE = "paligemma_tokenizer.model"  # big_vision's tokenizer, which a release .npz needs beside it
+TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
 TASK_TOKENS = {"caption": 64, "answer": 32, "ocr": 128, "detect": 128, "segment": 256, "generate": 64}
 
 
@@ -62,23 +66,49 @@ class Objects(list):
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-         vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
-    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
+         vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True,
+         config=None, tokenizer: str | Path | None = None) -> "Pali":
+    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment), or a
+    big_vision release .npz with `config=` (a published size such as "paligemma-3b-224", a config.json or a
+    PaliGemmaConfig) and `tokenizer=` (big_vision's paligemma_tokenizer.model; default: that file beside the npz).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
-    `dtype` may be named ("bfloat16", "bf16", "float32"…); `device` and `dtype` are checked before any file is
-    read: "cuda" without a GPU torch can see, a misspelt device or a non-float dtype is a UsageError.
+    `dtype` may be named ("bfloat16", "bf16", "float32"…); `device`, `dtype`, the config and the tokenizer are
+    checked before the weights are read: "cuda" without a GPU torch can see, a misspelt device or a non-float
+    dtype is a UsageError.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    path = checkpoint_dir(default_model_dir() if path is None else path)
-    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    if big_vision.is_npz(path):
+        big_vision.check_file(path)  # the file, then the config, then the tokenizer: all before the weights
+        config = resolve_config(config)
+        processor = Processor.from_config(config, release_tokenizer(path, tokenizer))
+        model = PaliGemma.from_big_vision(path, config, dtype=dtype, device=device, progress=progress)
+        folder = Path(path).parent
+    else:
+        extra = [name for name, value in (("config=", config), ("tokenizer=", tokenizer)) if value is not None]
+        if extra:
+            raise UsageError(f"{' and '.join(extra)}: only for a big_vision .npz; a checkpoint directory carries its "
+                             "own config.json and tokenizer")
+        folder = checkpoint_dir(default_model_dir() if path is None else path)
+        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, progress=progress)
+        processor = Processor.from_pretrained(folder)
     runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
-    processor = Processor.from_pretrained(path)
-    vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
-    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path,
+    vae_file = Path(vae) if vae is not None else folder / VAE_FILE if (folder / VAE_FILE).is_file() else None
+    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=folder,
                 runtime=runtime)
+
+
+def release_tokenizer(npz: str | Path, tokenizer: str | Path | None) -> Path:
+    """The tokenizer file of a big_vision .npz: `tokenizer` if given, else paligemma_tokenizer.model beside it."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    beside = Path(npz).parent / TOKENIZER_FILE
+    if beside.is_file():
+        return beside
+    raise MissingFileError(f"a big_vision .npz carries no tokenizer and there is no {TOKENIZER_FILE} beside {npz}: "
+                           f"pass tokenizer= (--tokenizer on the command line) with big_vision's {TOKENIZER_URL}")
 
 
 class Pali:

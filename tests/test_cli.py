@@ -41,7 +41,7 @@ def image(tmp_path_factory):
 def test_help_and_module_entry_point():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("caption", "answer", "detect", "segment", "ocr", "generate", "chat", "info", "train"):
+    for command in ("caption", "answer", "detect", "segment", "ocr", "generate", "chat", "info", "convert", "train"):
         assert command in out.stdout
     module = subprocess.run([sys.executable, "-m", "nanopali", "detect", "--help"], capture_output=True, text=True)
     assert module.returncode == 0 and "--out" in module.stdout and "--no-json" in module.stdout

@@ -5,6 +5,7 @@
     nanopali ocr      IMAGE                             nanopali generate IMAGE "any prompt"
     nanopali chat     IMAGE                             nanopali info [DIR]
     nanopali classify IMAGE "cat, dog"                  nanopali search DIR_OF_IMAGES "a red car"
+    nanopali convert  big_vision.npz OUT --config paligemma-3b-224 [--tokenizer paligemma_tokenizer.model]
     nanopali train    --model DIR --data train.jsonl --out runs/x [--config train.json]
 
 Without --model a command uses the shipped default model (paths.py): a small PaliGemma trained on
@@ -13,7 +14,7 @@ train always needs --model: to fine-tune the shipped model, pass its directory (
 
 classify and search use a contrastive SigLIP model (the shipped default: a small SigLIP of the same world).
 
-One module per command group: tasks.py (caption … chat), zero_shot.py (classify, search), info.py, train.py; common.py holds what they
+One module per command group: tasks.py (caption … chat), zero_shot.py (classify, search), info.py, convert.py, train.py; common.py holds what they
 share. Each imports what it runs only when it runs (`nanopali caption` never imports the training code).
 
 A user mistake (missing image, bad model path, bad data: a nanopali.errors.NanopaliError) prints one
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanopali.cli import info, tasks, train, zero_shot
+from nanopali.cli import convert, info, tasks, train, zero_shot
 from nanopali.cli.common import LazyParser
 from nanopali.errors import NanopaliError
 
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_commands(sub)
     zero_shot.add_commands(sub)
     info.add_commands(sub)
+    convert.add_commands(sub)
     train.add_commands(sub)
     return p
 

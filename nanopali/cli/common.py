@@ -12,7 +12,7 @@ import sys
 from nanopali.paths import ENV_VAR
 
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices, names of torch dtypes
-MODEL_HELP = ("checkpoint directory in Hugging Face layout; default: the shipped model, a small PaliGemma trained on "
+MODEL_HELP = ("checkpoint directory in Hugging Face layout, or a big_vision release .npz with --config; default: the shipped model, a small PaliGemma trained on "
               f"nanopali's toy shapes world that knows only that world (${ENV_VAR} overrides the default)")
 
 
@@ -37,6 +37,9 @@ def task_options() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help=MODEL_HELP)
+    common.add_argument("--config", help="with --model X.npz (a big_vision release): the model's sizes, a published size "
+                                         "(e.g. paligemma-3b-224) or a config.json")
+    common.add_argument("--tokenizer", help="with --model X.npz: big_vision's paligemma_tokenizer.model (default: beside the npz)")
     common.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     common.add_argument("--device", default="cpu")
     common.add_argument("--max-new-tokens", type=int, help="at least 1; default depends on the task")
@@ -115,4 +118,5 @@ def load(args):
     from nanopali.pipeline import load
 
     return load(args.model, dtype=getattr(torch, args.dtype), device=args.device, vae=args.vae,
-                progress=sys.stderr.isatty(), quantize=args.quantize, fast=args.fast)
+                progress=sys.stderr.isatty(), quantize=args.quantize, fast=args.fast, config=args.config,
+                tokenizer=args.tokenizer)
