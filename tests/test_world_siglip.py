@@ -54,3 +54,36 @@ def test_world_pairs_index_every_scene_with_each_text(tmp_path):
         truth = make_scene(rng, size=64)
         assert pairs[k]["text"] == pair_texts(truth, rng)[j]
         assert np.array_equal(np.asarray(pairs[k]["image"]), np.asarray(truth.image))
+
+
+def test_the_default_model_recipe_can_start_its_vision_tower_from_a_siglip(tmp_path, monkeypatch):
+    """--vision-from: PaliGemma's init with the SigLIP's tower (its pooling head left out), every other weight the
+    recipe's own init. The world tokenizer is the shipped one (stage_tokenizer's output, copied in)."""
+    import shutil
+
+    import torch
+
+    from nanopali import PaliGemma, SigLIP
+    from nanopali.paths import DEFAULT_MODEL_DIR
+    from nanopali.world.recipe import stages
+    from nanopali.world.recipe.siglip import init_model
+
+    work = tmp_path / "work"
+    (work / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, work / "tokenizer" / name)
+    siglip = init_model(tmp_path / "siglip", "siglip")
+    torch.manual_seed(3)
+    model = SigLIP.from_pretrained(siglip)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # unlike any init, so copied weights are recognisable
+    model.save_pretrained(siglip)
+    out = stages.stage_siglip_init(work, siglip)
+    pali, plain = PaliGemma.from_pretrained(out), PaliGemma.from_pretrained(stages.stage_init(work))
+    tower = model.vision_model.state_dict()
+    for k, v in pali.vision.state_dict().items():
+        assert torch.equal(v, tower[k]), k
+    for k, v in pali.state_dict().items():
+        if not k.startswith("vision_tower."):
+            assert torch.equal(v, plain.state_dict()[k]), k

@@ -145,7 +145,7 @@ STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": 
 MINI_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64,
                    patch_size=16)
 MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2)
-COMPARE = dict(batch_sizes=(32, 128, 512), examples=96_000, scenes=20000, lr=1e-3)
+COMPARE = dict(batch_sizes=(32, 128, 512), examples=64_000, scenes=20000, lr=1e-3)
 
 
 def compare(work: Path) -> dict:
