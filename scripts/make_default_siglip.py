@@ -4,14 +4,15 @@
     python scripts/make_default_siglip.py --work runs/siglip --stage ship  # one stage
 
 Stages (nanopali/world/recipe/siglip.py; each writes under --work and is skipped or resumed when its output exists):
-    data    30000 scenes of the training seed, each with its caption, its count and one object's label
-    init    the SigLIP config (the default PaliGemma's vision tower + attention pooling, a 4-layer text tower over
-            the world's tokenizer) with the paper's initial temperature and bias
-    train   nanopali's trainer, --objective siglip (WORK/run)
-    ship    the newest checkpoint in bf16 into nanopali/world/default_siglip/, scored on seeds 3 and 11
-            (world/siglip.py; WORK/metrics.json)
-    compare (only when named) sigmoid vs softmax in miniature: both objectives at batch 32, 128 and 512 on the same
-            pairs, scored on seed 3 (WORK/compare.json; the table in BENCHMARKS.md)
+    data     30000 scenes of the training seed, each with its caption, its count and one object's label
+    init     the SigLIP config (the default PaliGemma's vision tower + attention pooling, a 4-layer text tower over
+             the world's tokenizer) with the paper's initial temperature and bias
+    train    the shipped model: LiT on the default PaliGemma's vision tower (WORK/lit)
+    ship     the newest LiT checkpoint in bf16 into nanopali/world/default_siglip/, scored on seeds 3 and 11
+             (world/siglip.py; WORK/metrics.json), with its model card
+    scratch  (only when named) the same SigLIP trained from scratch (WORK/run), for make_default_model.py --vision-from
+    compare  (only when named) sigmoid vs softmax in miniature: both objectives at batch 32, 128 and 512 on the same
+             pairs, scored on seed 3 (WORK/compare.json; the table in BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     times_file = args.work / "times.json"
-    for name in args.stage or [s for s in STAGES if s != "compare"]:
+    for name in args.stage or [s for s in STAGES if s not in ("scratch", "compare")]:
         start = time.perf_counter()
         STAGES[name](args.work)
         times = json.loads(times_file.read_text()) if times_file.is_file() else {}

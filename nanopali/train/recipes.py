@@ -8,7 +8,9 @@ Recipes (big_vision's PaliGemma transfer configs freeze the same way, by name pa
     projector-only   only the linear projector (the alignment stage)
 
 and for a contrastive SigLIP (CONTRASTIVE_RECIPES): full; freeze-vision (LiT, "locked-image tuning": the text
-tower, temperature and bias learn to match a fixed image tower); freeze-text (the other way round).
+tower, temperature and bias learn to match a fixed image tower); freeze-vision-encoder (the same, but the image
+tower's attention-pooling head learns too: for a tower that comes without a trained head, e.g. PaliGemma's);
+freeze-text (the other way round).
 
 Weight decay is decoupled (AdamW) and skips norms, biases and embeddings. `lr_scale` multiplies
 the learning rate of parameters matching a pattern, e.g. {"multi_modal_projector.*": 10}.
@@ -33,6 +35,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
 CONTRASTIVE_RECIPES: dict[str, tuple[str, ...]] = {
     "full": ("*",),
     "freeze-vision": ("text_model.*", "logit_*"),
+    "freeze-vision-encoder": ("text_model.*", "logit_*", "vision_model.head.*"),
     "freeze-text": ("vision_model.*", "logit_*"),
 }
 NO_DECAY = ("*norm*", "*.bias", "*embed_tokens*", "*position_embedding*", "*token_embedding*", "logit_*", "*.probe")
