@@ -153,7 +153,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(base, data, single,
 @pytest.mark.parametrize("change, message", [
     (dict(grad_accum=2), "accumulating micro-batches would change the loss"),
     (dict(lora_rank=4), "LoRA adapts PaliGemma's decoder"),
-    (dict(recipe="attention-only"), "must be one of full, freeze-vision, freeze-text for --objective siglip"),
+    (dict(recipe="attention-only"), "must be one of full, freeze-vision, freeze-vision-encoder, freeze-text for --objective siglip"),
     (dict(label_smoothing=0.1), "applies to --objective suffix"),
     (dict(objective="contrastive"), "one of suffix, siglip, clip"),
 ])
