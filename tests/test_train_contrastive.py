@@ -188,3 +188,16 @@ def test_bf16_autocast_trains_close_to_float32(base, data, single, tmp_path):
     assert bf16 != fp32, "autocast had no effect"
     for a, b in zip(fp32, bf16):
         assert abs(a - b) < 0.05 * a
+
+
+@pytest.mark.parametrize("recipe, moving", [
+    ("freeze-vision", ("text_model.", "logit_")),
+    ("freeze-vision-encoder", ("text_model.", "logit_", "vision_model.head.")),
+    ("freeze-text", ("vision_model.", "logit_")),
+])
+def test_recipes_train_exactly_what_they_name(base, data, tmp_path, recipe, moving):
+    final = fit(TrainConfig(**options(base, data, tmp_path / recipe, recipe=recipe, steps=2, save_every=0)))
+    before, after = weights(base), weights(final)
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        assert changed == k.startswith(moving), f"{recipe}: {k} {'moved' if changed else 'did not move'}"
