@@ -151,6 +151,14 @@ class RowBatch:
         self.rows, self.state = [rows[i] for i in keep], state
         return ended
 
+    def abort(self, error: BaseException, rows: list[Row] = ()) -> list[Row]:
+        """End every row of the batch (and `rows`, which never joined) with `error`; the batch is empty after."""
+        ended = [row for row in [*self.rows, *self.joining, *rows] if not row.done]
+        for row in ended:
+            self._end(row, "error", error)
+        self.rows, self.joining, self.state, self.logits = [], [], None, None
+        return ended
+
     # ------------------------------------------------------------------ the parts of a step
 
     def _prefill(self, rows: list[Row], ended: list[Row]) -> list[tuple[DecodeState, torch.Tensor, list[Row]]]:
@@ -216,11 +224,16 @@ class RowBatch:
             self._end(row, "length")
 
     def _end(self, row: Row, reason: str, error: BaseException | None = None) -> bool:
-        row.finish_reason, row.error = reason, error
-        rest, row.answer = row.text.finish() if row.text is not None else ("", Answer(""))
-        if rest and row.on_piece is not None and reason not in ("cancelled", "error"):
-            row.on_piece(rest)
+        end(row, reason, error)
         return True
+
+
+def end(row: Row, reason: str, error: BaseException | None = None) -> None:
+    """End a row: its finish_reason, error and answer (the text so far); a finished row's last piece goes out."""
+    row.finish_reason, row.error = reason, error
+    rest, row.answer = row.text.finish() if row.text is not None else ("", Answer(""))
+    if rest and row.on_piece is not None and reason not in ("cancelled", "error"):
+        row.on_piece(rest)
 
 
 def _kept(parts: list[tuple[DecodeState, torch.Tensor]], keep: list[int]) -> list[tuple[DecodeState, torch.Tensor]]:
