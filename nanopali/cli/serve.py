@@ -43,8 +43,9 @@ def run(args) -> int:
     from nanopali.errors import UsageError
 
     for name in ("port", "max_batch", "max_queue", "timeout", "max_body_bytes", "max_image_pixels", "threads"):
-        value, low = getattr(args, name), 0 if name == "port" else 1
-        if value is not None and not (value >= low and (name != "port" or value < 65536)):
+        value = getattr(args, name)
+        ok = value is None or (0 <= value < 65536 if name == "port" else value > 0)
+        if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be {'0..65535' if name == 'port' else '> 0'}")
     local = None
     if args.allow_local_images is not None:

@@ -1,0 +1,349 @@
+"""`nanopali serve`, the real server in a subprocess on a loopback port, spoken to with the official `openai`
+client and plain HTTP: its answers are the pipeline's, and every limit and safety case of the API is one row."""
+
+import base64
+import concurrent.futures
+import http.server
+import io
+import os
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from openai import OpenAI
+from PIL import Image
+from serve_process import EXAMPLES, KEY, chat_body, data_url, running_server
+
+import nanopali
+
+WORLD = [EXAMPLES / f"world-{i}.png" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """allowed/ (what --allow-local-images names) with an image and a symlink out of it; outside/ beside it."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "allowed").mkdir()
+    (root / "outside").mkdir()
+    (root / "allowed" / "world-1.png").write_bytes(WORLD[1].read_bytes())
+    (root / "outside" / "secret.png").write_bytes(WORLD[2].read_bytes())
+    (root / "allowed" / "link.png").symlink_to(root / "outside" / "secret.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    with running_server("--api-key", KEY, "--allow-local-images", str(folders / "allowed"), "--dtype", "float32",
+                        "--max-body-bytes", "1500000", "--max-image-pixels", "1000000") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The references below are computed in one torch thread, as the servers run (--threads 1): the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pali():
+    return nanopali.load(dtype="float32")  # what the servers load: the default model, in float32 (--dtype float32)
+
+
+@pytest.fixture(scope="module")
+def captions(pali):
+    return pali.caption([str(image) for image in WORLD])
+
+
+def messages(prompt, url):
+    return chat_body(prompt, url)["messages"]
+
+
+def test_the_openai_client_gets_the_pipelines_answers(client, pali, captions):
+    url, image, caption = data_url(WORLD[0]), str(WORLD[0]), captions[0]
+    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", url), temperature=0)
+    assert reply.choices[0].message.content == caption
+    assert reply.object == "chat.completion" and reply.model == "nanopali-default" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == len(pali.processor.prefix_ids("caption en"))
+    assert reply.usage.completion_tokens == len(pali.processor.tokenizer.encode(caption))
+
+    chunks = list(client.chat.completions.create(model="nanopali-default", messages=messages("caption en", url),
+                                                 temperature=0, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) > 3 and "".join(pieces) == caption
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+
+    found = pali.detect(image, ["star", "square"])
+    reply = client.chat.completions.create(model="nanopali-default", messages=messages("detect star ; square", url),
+                                           temperature=0)
+    objects = reply.choices[0].message.model_extra["objects"]
+    assert reply.choices[0].message.content == found.text
+    assert [(o["label"], tuple(o["box"])) for o in objects] == [(d.label, d.box) for d in found] and len(found) == 2
+    assert [o["score"] for o in objects] == pytest.approx([d.score for d in found], abs=1e-5)
+
+
+def test_a_plain_question_is_answered_as_answer_en(client, pali):
+    reply = client.chat.completions.create(model="nanopali-default", messages=messages("what color is the star?",
+                                           data_url(WORLD[0])), temperature=0)
+    assert reply.choices[0].message.content == pali.answer(str(WORLD[0]), "what color is the star?")
+
+
+def test_stop_strings_are_cut_and_max_tokens_is_a_length_finish(client, captions):
+    caption = captions[0]
+    word = caption.split()[3]
+    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
+                                           temperature=0, stop=[word])
+    assert reply.choices[0].message.content == caption[:caption.index(word)]
+    streamed = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
+                                              temperature=0, stop=word, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == caption[:caption.index(word)]
+    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
+                                           temperature=0, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    assert caption.startswith(reply.choices[0].message.content)
+
+
+def test_sampling_with_a_seed_repeats(client):
+    def sample():
+        return client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[3])),
+                                              temperature=1.5, top_p=0.95, seed=7, max_tokens=20,
+                                              extra_body={"top_k": 40}).choices[0].message.content
+    assert sample() == sample()
+
+
+def test_the_task_endpoints_give_the_pipelines_objects(server, pali):
+    for task, labels in (("detect", ["star", "square"]), ("segment", "triangle")):
+        body = {"image": base64.b64encode(WORLD[0].read_bytes()).decode(), "labels": labels}
+        reply = server.post(f"/v1/{task}", json=body)
+        assert reply.status_code == 200, reply.text
+        got, expected = reply.json(), getattr(pali, task)(str(WORLD[0]), labels)
+        assert got["text"] == expected.text and got["image_size"] == [128, 128] and len(expected) >= 1
+        assert [(o["label"], tuple(o["box"])) for o in got["objects"]] == [(o.label, o.box) for o in expected]
+        if task == "segment":
+            masks = [np.array(Image.open(io.BytesIO(base64.b64decode(o["mask"])))) for o in got["objects"]]
+            assert all(np.array_equal(m, o.mask) for m, o in zip(masks, expected)) and masks[0].any()
+
+
+def test_concurrent_requests_share_decode_steps_and_get_their_own_answers(server, client, captions):
+    images = WORLD + WORLD[:2]
+    steps_before, rows_before = server.metric("nanopali_batch_size_count"), server.metric("nanopali_batch_size_sum")
+
+    def ask(image):
+        return client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(image)),
+                                              temperature=0).choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
+        answers = list(pool.map(ask, images))
+    assert answers == captions + captions[:2]
+    steps = server.metric("nanopali_batch_size_count") - steps_before
+    rows = server.metric("nanopali_batch_size_sum") - rows_before
+    assert rows / steps > 2, f"{rows:g} row-steps in {steps:g} decode steps: the requests were not batched"
+
+
+def test_a_bad_image_among_good_ones_fails_alone(server, captions):
+    bad = base64.b64encode(os.urandom(3000)).decode()
+    bodies = [chat_body("caption en", data_url(WORLD[i])) for i in range(3)]
+    bodies.insert(1, chat_body("caption en", "data:image/png;base64," + bad))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda b: server.post("/v1/chat/completions", json=b), bodies))
+    assert replies[1].status_code == 400 and "not an image" in replies[1].json()["error"]["message"]
+    good = [r.json()["choices"][0]["message"]["content"] for i, r in enumerate(replies) if i != 1]
+    assert good == captions[:3]
+    assert server.get("/health").status_code == 200
+
+
+def _png(width, height) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+CHAT = "/v1/chat/completions"
+LIMITS = [  # (case, method, path, request, status, words the error message must contain)
+    ("no API key", "post", CHAT, dict(json=chat_body("caption en", "x"), key=None), 401, "API key"),
+    ("a wrong API key", "post", CHAT, dict(json=chat_body("caption en", "x"), key="wrong-key-5b1c"), 401, "API key"),
+    ("metrics need the key", "get", "/metrics", dict(key=None), 401, "API key"),
+    ("models need the key", "get", "/v1/models", dict(key=None), 401, "API key"),
+    ("a body over --max-body-bytes", "post", CHAT, dict(content=b"{" + b" " * 1_600_000 + b"}"), 413, "1500000 bytes"),
+    ("an image over --max-image-pixels", "post", CHAT, dict(json=chat_body("caption en", data_url(_png(1100, 1000)))),
+     400, "1100x1000 = 1100000 pixels is over the limit of 1000000"),
+    ("an undecodable image", "post", CHAT, dict(json=chat_body("caption en", data_url(b"\x89PNG\r\n\x1a\nbroken"))), 400,
+     "not an image"),
+    ("an image that is not base64", "post", CHAT, dict(json=chat_body("caption en", "data:image/png;base64,@@@")), 400,
+     "not valid base64"),
+    ("bad JSON", "post", CHAT, dict(content=b'{"model": "nanopali-default", "messages": [', headers={
+        "Content-Type": "application/json"}), 400, "not valid JSON"),
+    ("a field of the wrong type", "post", CHAT, dict(json=chat_body("caption en", "x", temperature="hot")), 422,
+     "temperature"),
+    ("a missing field", "post", CHAT, dict(json={"model": "nanopali-default"}), 422, "messages"),
+    ("an unknown field", "post", CHAT, dict(json=chat_body("caption en", "x", logprobs=True)), 422, "logprobs"),
+    ("an out-of-range value", "post", CHAT, dict(json=chat_body("caption en", "x", top_p=1.5)), 422, "top_p"),
+    ("an unknown model", "post", CHAT, dict(json={**chat_body("caption en", "x"), "model": "gpt-9"}), 404, "'gpt-9' not found"),
+    ("a prompt over the model's length", "post", CHAT, dict(json=chat_body("answer en " + "why " * 600, data_url(WORLD[0]))),
+     400, "takes at most 512"),
+    ("max_tokens over the model's length", "post", CHAT, dict(json=chat_body("caption en", data_url(WORLD[0]),
+                                                                             max_tokens=500)), 400, "takes at most 512"),
+    ("n other than 1", "post", CHAT, dict(json=chat_body("caption en", data_url(WORLD[0]), n=2)), 400, "n=2"),
+    ("two images", "post", CHAT, dict(json={**chat_body("caption en", "x"), "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "caption en"}, *[{"type": "image_url", "image_url": {"url": "x"}}] * 2]}]}), 400,
+     "exactly one image_url"),
+    ("a remote image without --allow-remote-images", "post", CHAT, dict(json=chat_body("caption en", "http://127.0.0.1:9/a.png")),
+     403, "--allow-remote-images"),
+    ("a local image outside the allowed folder", "post", CHAT, dict(json=chat_body("caption en", "file:///etc/hostname")),
+     403, "outside the folder"),
+    ("labels with nothing in them", "post", "/v1/detect", dict(json={"image": "x", "labels": " ; "}), 400, "labels"),
+]
+
+
+@pytest.mark.parametrize("case, method, path, sent, status, words", LIMITS, ids=[row[0] for row in LIMITS])
+def test_limits_and_bad_requests(server, case, method, path, sent, status, words):
+    reply = getattr(server, method)(path, **sent)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and error["type"], error
+    if status == 401:
+        assert reply.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_health_and_the_page_need_no_key_and_every_refusal_is_counted(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "http:" not in page.text and "https:" not in page.text and "//cdn" not in page.text  # nothing from elsewhere
+    text = server.get("/metrics").text
+    for line in ('nanopali_rejected_total{reason="unauthorized"}', 'nanopali_rejected_total{reason="too_large"}',
+                 'nanopali_requests_total{endpoint="/v1/chat/completions",status="400"}'):
+        assert line in text, line
+
+
+def test_local_images_stay_inside_the_allowed_folder(server, folders, captions):
+    allowed = folders / "allowed"
+    reply = server.post(CHAT, json=chat_body("caption en", (allowed / "world-1.png").as_uri()))
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == captions[1]
+    for url in [f"file://{allowed}/../outside/secret.png", (allowed / "link.png").as_uri()]:
+        reply = server.post(CHAT, json=chat_body("caption en", url))
+        assert reply.status_code == 403 and "outside the folder" in reply.json()["error"]["message"], url
+
+
+def test_a_storm_of_mixed_requests_is_answered_in_full(server, captions):
+    """The test-suite's version of the soak (benchmarks/soak_serve.py runs 60 s): 32 clients for a few seconds
+    with good, malformed and oversized requests; every one is answered, and the server is fine after."""
+    bodies = [dict(json=chat_body("caption en", data_url(WORLD[0]), max_tokens=4)),
+              dict(content=b"{not json", headers={"Content-Type": "application/json"}), dict(content=b"x" * 1_600_000),
+              dict(json=chat_body("caption en", data_url(b"garbage")))]
+    expected = (200, 400, 413, 400)
+    answered, wrong, stop = [], [], time.monotonic() + 4
+
+    def client(i):
+        while time.monotonic() < stop:
+            kind = (i + len(answered)) % 4
+            status = server.post(CHAT, **bodies[kind]).status_code
+            (answered if status in (expected[kind], 503) else wrong).append((kind, status))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not wrong and len(answered) > 32, (wrong, len(answered))
+    reply = server.post(CHAT, json=chat_body("caption en", data_url(WORLD[5])))
+    assert reply.json()["choices"][0]["message"]["content"] == captions[5]
+
+
+# ---------------------------------------------------------------------- a server with one row and one queue place
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    with running_server("--max-batch", "1", "--max-queue", "1", "--allow-remote-images", "--dtype", "float32") as s:
+        yield s
+
+
+LONG = dict(min_tokens=440, max_tokens=440)  # the default model takes 512 positions: 68 for the prompt
+
+
+def test_a_full_queue_is_a_503_and_a_disconnect_cancels(small_server, captions):
+    client = OpenAI(base_url=small_server.url + "/v1", api_key="unused", max_retries=0)
+    long = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
+                                          stream=True, extra_body=LONG)
+    next(iter(long))  # decoding now, in the only batch row
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(small_server.post, CHAT, json=chat_body("caption en", data_url(WORLD[1])))
+        deadline = time.monotonic() + 30
+        while small_server.metric("nanopali_queue_length") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = small_server.post(CHAT, json=chat_body("caption en", data_url(WORLD[2])))
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+        assert "busy" in refused.json()["error"]["message"]
+        long.close()  # the client goes away: its row is cancelled at the next step, and the waiting one runs
+        assert waiting.result(timeout=60).json()["choices"][0]["message"]["content"] == captions[1]
+    assert small_server.metric('nanopali_rows_ended_total{reason="cancelled"}') == 1
+    assert small_server.metric("nanopali_generated_tokens_total") < 440, "the cancelled row went on decoding"
+
+
+def test_remote_images_when_allowed(small_server, captions):
+    """--allow-remote-images fetches http(s) URLs (here from a loopback server; nothing leaves the machine)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = WORLD[4].read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        reply = small_server.post(CHAT, json=chat_body("caption en", f"http://127.0.0.1:{files.server_port}/w.png"))
+    finally:
+        files.shutdown()
+    assert reply.json()["choices"][0]["message"]["content"] == captions[4]
+
+
+def test_a_request_past_the_timeout_is_a_504_and_the_key_may_come_from_the_environment():
+    with running_server("--timeout", "0.3", env={"NANOPALI_API_KEY": "from-env-5b1c"}) as s:
+        assert s.get("/v1/models", key=None).status_code == 401
+        reply = s.post(CHAT, json=chat_body("caption en", data_url(WORLD[0]), **LONG), key="from-env-5b1c")
+        assert reply.status_code == 504 and "timeout of 0.3 s" in reply.json()["error"]["message"]
+        assert s.metric('nanopali_rows_ended_total{reason="timeout"}', key="from-env-5b1c") == 1
+        assert s.get("/health", key=None).status_code == 200
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port 70000"),
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--allow-local-images", "/no/such/folder"], "not a directory"),
+    (["--model", "/no/such/model"], "/no/such/model"),
+    (["--device", "cuda:99"], "cuda"),
+])
+def test_serve_flags_are_checked_before_it_listens(capsys, args, message):
+    from nanopali import cli
+
+    assert cli.main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanopali: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_taken_port_is_one_clear_error(capsys):
+    from nanopali import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
