@@ -6,6 +6,7 @@ import concurrent.futures
 import http.server
 import io
 import os
+import shutil
 import socket
 import threading
 import time
@@ -347,3 +348,79 @@ def test_a_taken_port_is_one_clear_error(capsys):
         taken.listen(1)
         assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the web page, in a real headless browser
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SCREENSHOTS = os.environ.get("NANOPALI_SCREENSHOTS")  # a folder to keep the screenshots in (docs/ has the last ones)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
+                    "installs them): no browser could be found here")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1100,740"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_web_page_captions_and_detects_in_a_real_browser(server, browser, captions, pali, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def element(id_):
+        return browser.find_element(By.ID, id_)
+
+    def run(task, text=""):
+        Select(element("task")).select_by_value(task)
+        if text:
+            element("text").clear()
+            element("text").send_keys(text)
+        element("run").click()
+        WebDriverWait(browser, 60).until(lambda b: element("run").is_enabled()
+                                         and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") != "running")
+
+    def screenshot(name):
+        path = os.path.join(SCREENSHOTS or tmp_path, name)
+        browser.save_screenshot(path)
+        assert Image.open(path).size[0] > 500
+
+    browser.get(server.url + "/")
+    browser.find_element(By.TAG_NAME, "summary").click()
+    element("key").send_keys(KEY + "\t")  # the page asks /v1/models with it
+    element("file").send_keys(str(WORLD[0]))
+    WebDriverWait(browser, 30).until(lambda b: element("run").is_enabled())
+    assert element("model").text == "nanopali-default"
+
+    run("caption")
+    assert element("answer").text == captions[0] and not element("error").text
+    screenshot("serve-caption.png")
+
+    run("detect", "star ; square")
+    expected = pali.detect(str(WORLD[0]), ["star", "square"])
+    drawn = browser.execute_script("return window.nanopaliDrawn")
+    scale = browser.execute_script("return document.getElementById('canvas').width") / 128
+    assert [(d["label"], d["box"]) for d in drawn] == [(o.label, [round(v * scale) for v in o.box]) for o in expected]
+    for d in drawn:  # each box is on the canvas, in its colour: the middle of its left edge
+        x0, y0, x1, y1 = d["box"]
+        pixel = browser.execute_script("return Array.from(document.getElementById('canvas').getContext('2d')"
+                                       ".getImageData(arguments[0], arguments[1], 1, 1).data)", x0, (y0 + y1) // 2)
+        assert pixel[:3] == [int(d["color"][k:k + 2], 16) for k in (1, 3, 5)], (d, pixel)
+    listed = element("objects").text
+    assert all(o.label in listed and f"{o.score:.3f}" in listed for o in expected) and len(expected) == 2
+    assert element("answer").text == expected.text
+    screenshot("serve-detect.png")
+
+    run("prompt", "answer en " + "why " * 600)  # the server refuses it: the page says why
+    assert "takes at most 512" in element("error").text
