@@ -10,6 +10,8 @@ import nanopali
 from nanopali.errors import UsageError
 from nanopali.inference.answers import generate_answers
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def pali(tmp_path_factory):

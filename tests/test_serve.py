@@ -14,7 +14,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from openai import OpenAI
 from PIL import Image
 from serve_process import EXAMPLES, KEY, chat_body, data_url, running_server
@@ -22,6 +21,7 @@ from serve_process import EXAMPLES, KEY, chat_body, data_url, running_server
 import nanopali
 
 WORLD = [EXAMPLES / f"world-{i}.png" for i in range(6)]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the references, in one thread as the servers (--threads 1)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,6 @@ def server(folders):
 @pytest.fixture(scope="module")
 def client(server):
     return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references below are computed in one torch thread, as the servers run (--threads 1): the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ from nanopali.inference.options import GenerationOptions
 from nanopali.inference.runtime import Runtime
 from nanopali.models.paligemma import PaliGemma
 
-SHARED = ("eos_token_id", "pad_token_id", "vocab_limit")  # options the tokenizer fixes for every row of a batch
+SHARED = ("eos_token_id", "pad_token_id", "vocab_limit")
+GROW = 64  # cache slots a relayout adds at most; a batch whose rows go on past them is laid out again  # options the tokenizer fixes for every row of a batch
 
 
 @dataclass(eq=False)
@@ -124,7 +125,6 @@ class RowBatch:
             parts.append((state, torch.arange(len(group), device=first_logits.device)))
             logits.append(first_logits)
             rows += group
-        reuse = len(parts) == 1 and parts[0][0] is self.state and len(live) == len(self.rows)
         self.rows, self.state, self.logits = [], None, None
         if not rows:
             return ended
@@ -137,11 +137,8 @@ class RowBatch:
         if not keep:
             return ended
         try:
-            if reuse and len(keep) == len(rows):
-                state = parts[0][0]
-            else:
-                state = relayout(_kept(parts, keep), room=max(rows[i].options.max_new_tokens - len(rows[i].tokens)
-                                                              for i in keep))
+            state = self._layout(_kept(parts, keep), max(rows[i].options.max_new_tokens - len(rows[i].tokens)
+                                                         for i in keep))
             next_tokens = torch.tensor([tokens[i][0] for i in keep], device=state.kv_valid.device)
             self.logits = state.step(self.model, next_tokens)
         except Exception as e:  # a failure of the shared step: the rows in it end, the batch stays usable
@@ -160,6 +157,19 @@ class RowBatch:
         return ended
 
     # ------------------------------------------------------------------ the parts of a step
+
+    @staticmethod
+    def _layout(parts: list[tuple[DecodeState, torch.Tensor]], needed: int) -> DecodeState:
+        """The state the next decode step runs on. Without new rows and with a free slot, the running state
+        itself (less the rows that left: one row selection, no new cache); else a relayout with room for
+        GROW more tokens (or what the rows may still need, if less), so that rows which stop early (most do)
+        never make every step attend over slots they will not use."""
+        (state, rows), *others = parts
+        if not others and state.slot < state.cache.max_len:
+            if len(rows) < state.kv_valid.shape[0]:
+                state.reorder(rows)
+            return state
+        return relayout(parts, room=min(GROW, needed))
 
     def _prefill(self, rows: list[Row], ended: list[Row]) -> list[tuple[DecodeState, torch.Tensor, list[Row]]]:
         """Prefill rows as one batch; if that raises, one at a time, ending only the rows that still raise."""
