@@ -5,13 +5,14 @@ the same requests sent one at a time to the pipeline (Pali) in this process.
     python benchmarks/bench_serve.py --model checkpoints/pg-3b-224-random --clients 1 4 --requests 4 \\
         --max-tokens 8 --dtype bfloat16                               # a full-size random checkpoint, bounded
 
-The workload is a fixed mix of the six example images (examples/world-*.png) and five prompts of different
-answer lengths (caption, a question, OCR, detect, segment), greedy, each with its task's default max_new_tokens
-unless --max-tokens is given. The sequential baseline calls the pipeline for each request in turn (Pali.caption /
+The workload (--workload) is the six example images (examples/world-*.png) in turn with either a mix of five
+prompts of different answer lengths (caption, a question, OCR, detect, segment: "mix") or captions only
+("caption"), greedy, each with its task's default max_new_tokens unless --max-tokens is given. The sequential baseline calls the pipeline for each request in turn (Pali.caption /
 answer / ocr / detect / segment: what a script without a server does), before and after the server runs, in
 the same number of torch threads as the server; its requests/s is the mean of the two. The server runs in a
 subprocess (`nanopali serve --port 0 --max-batch B --threads T`); each client is a thread that sends its
-requests one after another with httpx (non-streaming chat completions), so `clients` requests are in flight
+requests one after another over one keep-alive connection (http.client, the lightest client: the clients share
+the CPUs with the server; non-streaming chat completions), so `clients` requests are in flight
 at a time. Reported per level: requests/s, generated tokens/s (usage.completion_tokens), p50 / p95 latency,
 the mean rows per decode step (the server's nanopali_batch_size metric), the ratio of requests/s to the
 sequential baseline, and how much of the machine's CPUs other processes used meanwhile (/proc/stat minus this
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import statistics
@@ -29,18 +31,22 @@ import subprocess
 import sys
 import threading
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["caption en", "answer en what color is the star?", "ocr", "detect star ; square", "segment triangle"]
+WORKLOADS = {  # answers of the default model: 1-3 tokens (answer, ocr), ~10 a box (detect), ~21 (caption, segment)
+    "mix": ["caption en", "answer en what color is the star?", "ocr", "detect star ; square", "segment triangle"],
+    "caption": ["caption en"],
+}
 
 
-def workload(n: int) -> list[tuple[Path, str]]:
+def workload(n: int, prompts: list[str]) -> list[tuple[Path, str]]:
     images = sorted((ROOT / "examples").glob("world-*.png"))
-    return [(images[i % len(images)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+    return [(images[i % len(images)], prompts[i % len(prompts)]) for i in range(n)]
 
 
 class CpuMeter:
@@ -126,21 +132,27 @@ def concurrent(url: str, pid: int, requests, clients: int, max_tokens: int | Non
         bodies.append(body | ({"max_tokens": max_tokens} if max_tokens else {}))
     latencies, tokens, failures, lock, next_index = [], [0], [], threading.Lock(), [0]
 
-    def client():
-        with httpx.Client(timeout=3600) as http:
-            while True:
-                with lock:
-                    i, next_index[0] = next_index[0], next_index[0] + 1
-                if i >= len(bodies):
-                    return
-                t = time.perf_counter()
-                reply = http.post(url + "/v1/chat/completions", json=bodies[i])
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    if reply.status_code == 200:
-                        tokens[0] += reply.json()["usage"]["completion_tokens"]
-                    else:
-                        failures.append(reply.status_code)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    payloads = [json.dumps(body).encode() for body in bodies]
+
+    def client():  # http.client with keep-alive: the lightest client, so that it takes little of the shared CPUs
+        http = HTTPConnection(host, int(port), timeout=3600)
+        while True:
+            with lock:
+                i, next_index[0] = next_index[0], next_index[0] + 1
+            if i >= len(payloads):
+                http.close()
+                return
+            t = time.perf_counter()
+            http.request("POST", "/v1/chat/completions", payloads[i], {"Content-Type": "application/json"})
+            reply = http.getresponse()
+            data = reply.read()
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                if reply.status == 200:
+                    tokens[0] += json.loads(data)["usage"]["completion_tokens"]
+                else:
+                    failures.append(reply.status)
     rows_before, steps_before = batch_rows(url)
     meter, start = CpuMeter(pid).start(), time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -158,7 +170,7 @@ def concurrent(url: str, pid: int, requests, clients: int, max_tokens: int | Non
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
-    p.add_argument("--dtype", default="float32", help="what both sides load (default float32)")
+    p.add_argument("--dtype", default="bfloat16", help="what both sides load (default bfloat16, the server's)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--requests", type=int, default=4, help="requests per client at each level (at least --min-requests)")
     p.add_argument("--min-requests", type=int, default=20)
@@ -166,17 +178,19 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     p.add_argument("--threads", type=int, default=1, help="torch threads, of the server and of the baseline")
     p.add_argument("--max-tokens", type=int, help="max new tokens of every request (default: each task's)")
+    p.add_argument("--workload", choices=list(WORKLOADS), default="mix")
     args = p.parse_args()
 
     import nanopali
 
     torch.set_num_threads(args.threads)
-    print(f"# {args.model or 'the shipped default model'}, {args.dtype}, {args.threads} torch thread(s), server "
+    prompts = WORKLOADS[args.workload]
+    print(f"# {args.model or 'the shipped default model'}, {args.dtype}, {args.workload} workload, {args.threads} torch thread(s), server "
           f"--max-batch {args.max_batch}, {os.cpu_count()} CPUs", flush=True)
     pali = nanopali.load(args.model, dtype=args.dtype)
-    warm = workload(len(PROMPTS))
+    warm = workload(6, prompts)
     sequential(pali, warm, args.max_tokens)  # compile/caches warm
-    before = sequential(pali, workload(args.sequential), args.max_tokens)
+    before = sequential(pali, workload(args.sequential, prompts), args.max_tokens)
     print(f"sequential (before): {before['req_s']:.2f} req/s", flush=True)
     del pali
 
@@ -186,7 +200,7 @@ def main() -> None:
         concurrent(url, server.pid, warm, 2, args.max_tokens)  # warm the server
         for clients in args.clients:
             n = max(args.min_requests, args.requests * clients)
-            results[clients] = concurrent(url, server.pid, workload(n), clients, args.max_tokens)
+            results[clients] = concurrent(url, server.pid, workload(n, prompts), clients, args.max_tokens)
             r = results[clients]
             print(f"{clients} clients: {r['req_s']:.2f} req/s, {r['rows']:.1f} rows/step", flush=True)
     finally:
@@ -195,7 +209,7 @@ def main() -> None:
 
     pali = nanopali.load(args.model, dtype=args.dtype)
     sequential(pali, warm, args.max_tokens)
-    after = sequential(pali, workload(args.sequential), args.max_tokens)
+    after = sequential(pali, workload(args.sequential, prompts), args.max_tokens)
     baseline = (before["req_s"] + after["req_s"]) / 2
     print("\n| mode | clients | requests | req/s | tokens/s | p50 s | p95 s | rows/step | × sequential req/s | "
           "other processes' CPU |")
