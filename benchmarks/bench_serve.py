@@ -2,8 +2,8 @@
 the same requests sent one at a time to the pipeline (Pali) in this process.
 
     python benchmarks/bench_serve.py                                  # the shipped default model, ~3 minutes
-    python benchmarks/bench_serve.py --model checkpoints/pg-3b-224-random --clients 1 4 --requests 4 \\
-        --max-tokens 8 --dtype bfloat16                               # a full-size random checkpoint, bounded
+    python benchmarks/bench_serve.py --model checkpoints/pg-3b-224-random --clients 1 4 --requests 1 \\
+        --min-requests 4 --sequential 4 --warm 1 --max-tokens 8 --threads 2   # a full-size random checkpoint, bounded
 
 The workload (--workload) is the six example images (examples/world-*.png) in turn with either a mix of five
 prompts of different answer lengths (caption, a question, OCR, detect, segment: "mix") or captions only
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import json
 import os
 import re
@@ -179,6 +180,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, of the server and of the baseline")
     p.add_argument("--max-tokens", type=int, help="max new tokens of every request (default: each task's)")
     p.add_argument("--workload", choices=list(WORKLOADS), default="mix")
+    p.add_argument("--warm", type=int, default=6, help="warm-up requests before each side is timed")
     args = p.parse_args()
 
     import nanopali
@@ -188,16 +190,17 @@ def main() -> None:
     print(f"# {args.model or 'the shipped default model'}, {args.dtype}, {args.workload} workload, {args.threads} torch thread(s), server "
           f"--max-batch {args.max_batch}, {os.cpu_count()} CPUs", flush=True)
     pali = nanopali.load(args.model, dtype=args.dtype)
-    warm = workload(6, prompts)
+    warm = workload(args.warm, prompts)
     sequential(pali, warm, args.max_tokens)  # compile/caches warm
     before = sequential(pali, workload(args.sequential, prompts), args.max_tokens)
     print(f"sequential (before): {before['req_s']:.2f} req/s", flush=True)
     del pali
+    gc.collect()  # one model in memory at a time (a 3B checkpoint is 5.9 GB)
 
     server, url = start_server(args)
     results = {}
     try:
-        concurrent(url, server.pid, warm, 2, args.max_tokens)  # warm the server
+        concurrent(url, server.pid, warm, min(2, len(warm)), args.max_tokens)  # warm the server
         for clients in args.clients:
             n = max(args.min_requests, args.requests * clients)
             results[clients] = concurrent(url, server.pid, workload(n, prompts), clients, args.max_tokens)
