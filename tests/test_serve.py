@@ -155,6 +155,62 @@ def test_a_bad_image_among_good_ones_fails_alone(server, captions):
     assert server.get("/health").status_code == 200
 
 
+def test_the_engine_goes_on_after_a_step_fails(pali, captions):
+    """A bug in a decode step ends the rows of that batch with the error; the next request is served as usual."""
+    from nanopali.serve.engine import Engine
+    from nanopali.serve.metrics import Metrics
+
+    engine = Engine(pali, max_batch=4, max_queue=4, metrics=Metrics())
+    step, calls = engine.batch.step, []
+
+    def broken_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the step")
+        return step()
+    engine.batch.step = broken_once
+    engine.start()
+    try:
+        rows = []
+        for image in WORLD[:2]:
+            done = threading.Event()
+            rows.append(pali.row(str(image), "caption en"))
+            engine.submit(rows[-1], lambda row, done=done: done.set())
+            assert done.wait(60)
+    finally:
+        engine.stop()
+    assert rows[0].finish_reason == "error" and "a bug in the step" in str(rows[0].error)
+    assert rows[1].finish_reason == "stop" and rows[1].answer.text == captions[1]
+
+
+def test_health_is_503_while_the_model_loads_and_says_why_a_load_failed(pali):
+    """In-process app (Starlette's TestClient runs its startup): the loader waits until released."""
+    from starlette.testclient import TestClient
+
+    from nanopali.errors import MissingFileError
+    from nanopali.serve.app import Settings, create_app
+
+    release, failures = threading.Event(), []
+    with TestClient(create_app(Settings(), lambda: release.wait(60) and pali)) as app:
+        assert app.get("/health").status_code == 503 and app.get("/health").json() == {"status": "loading"}
+        reply = app.post("/v1/chat/completions", json=chat_body("caption en", data_url(WORLD[0])))
+        assert reply.status_code == 503 and "still loading" in reply.json()["error"]["message"]
+        release.set()
+        deadline = time.monotonic() + 60
+        while app.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.get("/health").json() == {"status": "ok"}
+
+    def missing():
+        raise MissingFileError("no config.json in /nowhere")
+    with TestClient(create_app(Settings(), missing, on_load_error=failures.append)) as app:
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.get("/health").json() == {"status": "error", "error": "no config.json in /nowhere"}
+    assert isinstance(failures[0], MissingFileError)
+
+
 def _png(width, height) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")

@@ -19,6 +19,7 @@ import uuid
 from typing import Annotated, Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -124,8 +125,6 @@ def chat_options(request: ChatRequest, device) -> tuple[dict, list[str]]:
     if request.min_tokens:
         options["min_new_tokens"] = request.min_tokens
     if request.temperature:  # None or 0: greedy
-        import torch
-
         options.update(do_sample=True, temperature=request.temperature, top_p=request.top_p or 1.0,
                        top_k=request.top_k or 0)
         if request.seed is not None:

@@ -18,7 +18,7 @@ streaming client that disconnects cancels its row at the next step. Model famili
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
 import logging
 import threading
 import time
@@ -37,9 +37,11 @@ from nanopali.serve import api
 from nanopali.serve.engine import Engine, QueueFull
 from nanopali.serve.images import ImageAccessError, ImagePolicy, decode_base64
 from nanopali.serve.metrics import Metrics
+from nanopali.serve.middleware import Authentication, BodyLimit, Counting
+
+PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment"}  # metrics labels
 
 log = logging.getLogger("nanopali.serve")
-OPEN_PATHS = ("/health", "/")  # no API key: the page is a static file that calls the API with the key you type
 
 
 @dataclass
@@ -79,7 +81,7 @@ def create_app(settings: Settings, load: Callable[[], object], on_load_error: Ca
     app.state.nanopali = state
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, metrics=state.metrics)
     app.add_middleware(Authentication, key=settings.api_key, metrics=state.metrics)
-    app.add_middleware(Counting, metrics=state.metrics)  # outermost: counts the refused requests too
+    app.add_middleware(Counting, metrics=state.metrics, paths=PATHS)  # outermost: counts the refused requests too
 
     @app.exception_handler(ServerError)
     async def server_error(request: Request, e: ServerError):
@@ -146,9 +148,6 @@ class State:
         if name is not None and name != self.settings.model_name:
             raise ServerError(404, f"model {name!r} not found; this server serves {self.settings.model_name!r}",
                               param="model", code="model_not_found")
-
-
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment"}
 
 
 # ---------------------------------------------------------------------- PaliGemma: text, boxes and masks
@@ -230,8 +229,6 @@ async def _chat_stream(state: State, job: "Job", id_: str, stop: list[str], incl
 
 
 def _sse(data: dict) -> str:
-    import json
-
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
@@ -319,95 +316,6 @@ class _as_http_errors:
 
 def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "nanopali"}
-
-
-# ---------------------------------------------------------------------- ASGI middleware: limits and the key
-
-
-class Counting:
-    """Every answered request by endpoint and status, and its latency to the last byte (streams included)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, endpoint, status = time.perf_counter(), scope["path"] if scope["path"] in KNOWN_PATHS else "other", 0
-
-        async def counted_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.requests.labels(endpoint, str(status)).inc()
-                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        await self.app(scope, receive, counted_send)
-
-
-class BodyLimit:
-    """413 for a request body over `limit` bytes, by Content-Length or while it is read (chunked bodies)."""
-
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen, started = 0, False
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send):
-        self.metrics.rejected.labels("too_large").inc()
-        response = JSONResponse(api.error_body(f"the request body is over the server's limit of {self.limit} bytes "
-                                               "(--max-body-bytes)", code="request_too_large"), 413)
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class Authentication:
-    """With an API key, every path but /health and the page needs `Authorization: Bearer KEY` (401 otherwise);
-    the key is compared in constant time."""
-
-    def __init__(self, app, key: str | None, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-        self.key = None if key is None else f"Bearer {key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.key):
-            self.metrics.rejected.labels("unauthorized").inc()
-            response = JSONResponse(api.error_body("a valid API key is needed: send 'Authorization: Bearer KEY'",
-                                                   "authentication_error", code="invalid_api_key"), 401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 PAGE = resources.files("nanopali.serve").joinpath("page.html").read_text(encoding="utf-8")
