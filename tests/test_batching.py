@@ -56,18 +56,20 @@ def test_rows_joining_at_any_step_get_what_they_get_alone(pali, images):
 
 
 def test_sampled_rows_follow_their_own_generators(pali, images):
-    """Two sampling rows and a greedy one in one batch: each sampled row equals its own seeded run alone."""
-    opts = [dict(do_sample=True, temperature=1.5, top_k=50, seed=1), dict(do_sample=True, temperature=0.9, top_p=0.8, seed=2), {}]
+    """Two sampling rows, a greedy one and one with a repetition penalty in one batch: each equals its own run alone."""
+    opts = [dict(do_sample=True, temperature=1.5, top_k=50, seed=1), dict(do_sample=True, temperature=0.9, top_p=0.8, seed=2), {},
+            dict(repetition_penalty=1.8)]
 
     def kwargs(o):
         o = dict(o)
         seed = o.pop("seed", None)
         return o | ({"generator": torch.Generator().manual_seed(seed)} if seed is not None else {})
     rows = [pali.row(images[i], "caption en", max_new_tokens=10, **kwargs(o)) for i, o in enumerate(opts)]
-    run(pali.batch(), rows, join_at=[0, 1, 1])
+    run(pali.batch(), rows, join_at=[0, 1, 1, 2])
     for i, (row, o) in enumerate(zip(rows, opts)):
         assert row.answer.text == alone(pali, images[i], "caption en", max_new_tokens=10, **kwargs(o)).text
     assert rows[0].answer.text != alone(pali, images[0], "caption en", max_new_tokens=10).text, "sampling changed nothing"
+    assert rows[3].answer.text != alone(pali, images[3], "caption en", max_new_tokens=10).text, "the penalty changed nothing"
 
 
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_go_on(pali, images):

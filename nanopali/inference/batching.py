@@ -60,6 +60,7 @@ class Row:
     cancelled: bool = False
     text: AnswerText | None = field(default=None, repr=False)       # set when the row is added
     prompt_ids: torch.Tensor | None = field(default=None, repr=False)  # set at its prefill
+    picking: object = field(default=None, repr=False)  # rows with equal values pick their tokens together
 
     @property
     def done(self) -> bool:
@@ -89,6 +90,8 @@ def check_row(model: PaliGemma, processor, row: Row) -> None:
 
 
 class RowBatch:
+    """The running batch: its rows, their shared decode state and next-token logits (see the module docstring)."""
+
     def __init__(self, model: PaliGemma, processor, runtime: Runtime | None = None):
         self.model, self.processor, self.runtime = model, processor, runtime or Runtime()
         self.rules, _ = logit_rules(model, model.device, GenerationOptions(**tokenizer_settings(processor.tokenizer)))
@@ -106,6 +109,8 @@ class RowBatch:
         for row in rows:
             check_row(self.model, self.processor, row)
             row.text = AnswerText(self.processor.tokenizer)
+            row.picking = (dataclasses.replace(row.options, max_new_tokens=1, min_new_tokens=0, stop_strings=())
+                           if row.options.repetition_penalty == 1.0 else row)  # a penalty looks at the row's own tokens
         self.joining.extend(rows)
 
     @torch.no_grad()
@@ -203,18 +208,15 @@ class RowBatch:
         """Each row's next token and its log-probability; rows with the same picking options pick together."""
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            options = row.options
-            ban_eos = len(row.tokens) < options.min_new_tokens
-            key = ((dataclasses.replace(options, max_new_tokens=1, min_new_tokens=0, stop_strings=()), ban_eos)
-                   if options.repetition_penalty == 1.0 else (id(row),))  # a penalty looks at the row's own tokens
-            groups.setdefault(key, []).append(i)
+            groups.setdefault((row.picking, len(row.tokens) < row.options.min_new_tokens), []).append(i)
         picked = [None] * len(rows)
         for index in groups.values():
             row = rows[index[0]]
-            seen = None
-            if row.options.repetition_penalty != 1.0:
+            rules, seen = self.rules, None
+            if row.options.repetition_penalty != 1.0:  # a group of one row: its prompt and tokens, its penalty
+                rules = dataclasses.replace(rules, repetition_penalty=row.options.repetition_penalty)
                 seen = torch.cat([row.prompt_ids, torch.tensor(row.tokens, dtype=torch.long)]).to(logits.device)[None]
-            token, logprob = next_token(logits[index], self.rules, row.options,
+            token, logprob = next_token(logits[index], rules, row.options,
                                         ban_eos=len(row.tokens) < row.options.min_new_tokens, seen=seen)
             for i, t, lp in zip(index, token.tolist(), logprob.tolist()):
                 picked[i] = (t, lp)
