@@ -7,7 +7,8 @@ the same requests sent one at a time to the pipeline (Pali) in this process.
 
 The workload (--workload) is the six example images (examples/world-*.png) in turn with either a mix of five
 prompts of different answer lengths (caption, a question, OCR, detect, segment: "mix") or captions only
-("caption"), greedy, each with its task's default max_new_tokens unless --max-tokens is given. The sequential baseline calls the pipeline for each request in turn (Pali.caption /
+("caption"), greedy, each with its task's default max_new_tokens unless --max-tokens is given. The sequential
+baseline calls the pipeline for each request in turn (Pali.caption /
 answer / ocr / detect / segment: what a script without a server does), before and after the server runs, in
 the same number of torch threads as the server; its requests/s is the mean of the two. The server runs in a
 subprocess (`nanopali serve --port 0 --max-batch B --threads T`); each client is a thread that sends its
@@ -120,7 +121,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 def batch_rows(url: str) -> tuple[float, float]:
     text = httpx.get(url + "/metrics").text
-    value = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(nanopali_batch_size_(?:sum|count)) (\S+)$", text, re.M)}
+    found = re.finditer(r"^(nanopali_batch_size_(?:sum|count)) (\S+)$", text, re.M)
+    value = {m.group(1): float(m.group(2)) for m in found}
     return value.get("nanopali_batch_size_sum", 0.0), value.get("nanopali_batch_size_count", 0.0)
 
 
@@ -173,7 +175,8 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
     p.add_argument("--dtype", default="bfloat16", help="what both sides load (default bfloat16, the server's)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
-    p.add_argument("--requests", type=int, default=4, help="requests per client at each level (at least --min-requests)")
+    p.add_argument("--requests", type=int, default=4,
+                   help="requests per client at each level (at least --min-requests)")
     p.add_argument("--min-requests", type=int, default=20)
     p.add_argument("--sequential", type=int, default=20, help="requests of the sequential baseline (each time)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
@@ -187,7 +190,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     prompts = WORKLOADS[args.workload]
-    print(f"# {args.model or 'the shipped default model'}, {args.dtype}, {args.workload} workload, {args.threads} torch thread(s), server "
+    print(f"# {args.model or 'the shipped default model'}, {args.dtype}, {args.workload} workload, "
+          f"{args.threads} torch thread(s), server "
           f"--max-batch {args.max_batch}, {os.cpu_count()} CPUs", flush=True)
     pali = nanopali.load(args.model, dtype=args.dtype)
     warm = workload(args.warm, prompts)

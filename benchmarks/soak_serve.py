@@ -74,7 +74,8 @@ def main() -> int:
     args = p.parse_args()
 
     command = [sys.executable, "-m", "nanopali", "serve", "--port", "0", "--threads", str(args.threads),
-               "--max-queue", "8", "--max-body-bytes", str(LIMIT), "--log-level", "warning", "--served-model-name", "soak"]
+               "--max-queue", "8", "--max-body-bytes", str(LIMIT), "--log-level", "warning",
+               "--served-model-name", "soak"]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
     line = server.stderr.readline()
     url = re.search(r"on (http://\S+)", line).group(1)
@@ -125,7 +126,8 @@ def main() -> int:
     print("| kind | status | count |\n|---|---|---|")
     for (name, status), n in sorted(counts.items()):
         print(f"| {name} | {status} | {n} |")
-    steps = {m.group(1): float(m.group(2)) for m in re.finditer(r"^nanopali_batch_size_(sum|count) (\S+)$", metrics, re.M)}
+    found = re.finditer(r"^nanopali_batch_size_(sum|count) (\S+)$", metrics, re.M)
+    steps = {m.group(1): float(m.group(2)) for m in found}
     print(f"\nmean rows per decode step: {steps.get('sum', 0) / max(steps.get('count', 1), 1):.1f}")
     print("\nRSS of the server (MB) over time (s):")
     print(" ".join(f"{t:.0f}:{m:.0f}" for t, m in rss))

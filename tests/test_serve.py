@@ -58,28 +58,28 @@ def captions(pali):
     return pali.caption([str(image) for image in WORLD])
 
 
-def messages(prompt, url):
-    return chat_body(prompt, url)["messages"]
+def ask(client, prompt, image, **options):
+    """The openai client's chat completion of one prompt about an image file (greedy unless told otherwise)."""
+    body = chat_body(prompt, data_url(image), **options)
+    return client.chat.completions.create(**body)
 
 
 def test_the_openai_client_gets_the_pipelines_answers(client, pali, captions):
-    url, image, caption = data_url(WORLD[0]), str(WORLD[0]), captions[0]
-    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", url), temperature=0)
+    image, caption = str(WORLD[0]), captions[0]
+    reply = ask(client, "caption en", WORLD[0])
     assert reply.choices[0].message.content == caption
     assert reply.object == "chat.completion" and reply.model == "nanopali-default" and reply.id.startswith("chatcmpl-")
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens == len(pali.processor.prefix_ids("caption en"))
     assert reply.usage.completion_tokens == len(pali.processor.tokenizer.encode(caption))
 
-    chunks = list(client.chat.completions.create(model="nanopali-default", messages=messages("caption en", url),
-                                                 temperature=0, stream=True))
+    chunks = list(ask(client, "caption en", WORLD[0], stream=True))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
     assert len(pieces) > 3 and "".join(pieces) == caption
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
 
     found = pali.detect(image, ["star", "square"])
-    reply = client.chat.completions.create(model="nanopali-default", messages=messages("detect star ; square", url),
-                                           temperature=0)
+    reply = ask(client, "detect star ; square", WORLD[0])
     objects = reply.choices[0].message.model_extra["objects"]
     assert reply.choices[0].message.content == found.text
     assert [(o["label"], tuple(o["box"])) for o in objects] == [(d.label, d.box) for d in found] and len(found) == 2
@@ -87,31 +87,26 @@ def test_the_openai_client_gets_the_pipelines_answers(client, pali, captions):
 
 
 def test_a_plain_question_is_answered_as_answer_en(client, pali):
-    reply = client.chat.completions.create(model="nanopali-default", messages=messages("what color is the star?",
-                                           data_url(WORLD[0])), temperature=0)
+    reply = ask(client, "what color is the star?", WORLD[0])
     assert reply.choices[0].message.content == pali.answer(str(WORLD[0]), "what color is the star?")
 
 
 def test_stop_strings_are_cut_and_max_tokens_is_a_length_finish(client, captions):
     caption = captions[0]
     word = caption.split()[3]
-    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
-                                           temperature=0, stop=[word])
+    reply = ask(client, "caption en", WORLD[0], stop=[word])
     assert reply.choices[0].message.content == caption[:caption.index(word)]
-    streamed = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
-                                              temperature=0, stop=word, stream=True)
+    streamed = ask(client, "caption en", WORLD[0], stop=word, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == caption[:caption.index(word)]
-    reply = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
-                                           temperature=0, max_tokens=3)
+    reply = ask(client, "caption en", WORLD[0], max_tokens=3)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
     assert caption.startswith(reply.choices[0].message.content)
 
 
 def test_sampling_with_a_seed_repeats(client):
     def sample():
-        return client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[3])),
-                                              temperature=1.5, top_p=0.95, seed=7, max_tokens=20,
-                                              extra_body={"top_k": 40}).choices[0].message.content
+        return ask(client, "caption en", WORLD[3], temperature=1.5, top_p=0.95, seed=7, max_tokens=20,
+                   extra_body={"top_k": 40}).choices[0].message.content
     assert sample() == sample()
 
 
@@ -132,11 +127,8 @@ def test_concurrent_requests_share_decode_steps_and_get_their_own_answers(server
     images = WORLD + WORLD[:2]
     steps_before, rows_before = server.metric("nanopali_batch_size_count"), server.metric("nanopali_batch_size_sum")
 
-    def ask(image):
-        return client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(image)),
-                                              temperature=0).choices[0].message.content
     with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
-        answers = list(pool.map(ask, images))
+        answers = list(pool.map(lambda image: ask(client, "caption en", image).choices[0].message.content, images))
     assert answers == captions + captions[:2]
     steps = server.metric("nanopali_batch_size_count") - steps_before
     rows = server.metric("nanopali_batch_size_sum") - rows_before
@@ -226,8 +218,8 @@ LIMITS = [  # (case, method, path, request, status, words the error message must
     ("a body over --max-body-bytes", "post", CHAT, dict(content=b"{" + b" " * 1_600_000 + b"}"), 413, "1500000 bytes"),
     ("an image over --max-image-pixels", "post", CHAT, dict(json=chat_body("caption en", data_url(_png(1100, 1000)))),
      400, "1100x1000 = 1100000 pixels is over the limit of 1000000"),
-    ("an undecodable image", "post", CHAT, dict(json=chat_body("caption en", data_url(b"\x89PNG\r\n\x1a\nbroken"))), 400,
-     "not an image"),
+    ("an undecodable image", "post", CHAT, dict(json=chat_body("caption en", data_url(b"\x89PNG\r\n\x1a\nbroken"))),
+     400, "not an image"),
     ("an image that is not base64", "post", CHAT, dict(json=chat_body("caption en", "data:image/png;base64,@@@")), 400,
      "not valid base64"),
     ("bad JSON", "post", CHAT, dict(content=b'{"model": "nanopali-default", "messages": [', headers={
@@ -237,19 +229,20 @@ LIMITS = [  # (case, method, path, request, status, words the error message must
     ("a missing field", "post", CHAT, dict(json={"model": "nanopali-default"}), 422, "messages"),
     ("an unknown field", "post", CHAT, dict(json=chat_body("caption en", "x", logprobs=True)), 422, "logprobs"),
     ("an out-of-range value", "post", CHAT, dict(json=chat_body("caption en", "x", top_p=1.5)), 422, "top_p"),
-    ("an unknown model", "post", CHAT, dict(json={**chat_body("caption en", "x"), "model": "gpt-9"}), 404, "'gpt-9' not found"),
-    ("a prompt over the model's length", "post", CHAT, dict(json=chat_body("answer en " + "why " * 600, data_url(WORLD[0]))),
-     400, "takes at most 512"),
-    ("max_tokens over the model's length", "post", CHAT, dict(json=chat_body("caption en", data_url(WORLD[0]),
-                                                                             max_tokens=500)), 400, "takes at most 512"),
+    ("an unknown model", "post", CHAT, dict(json={**chat_body("caption en", "x"), "model": "gpt-9"}), 404,
+     "'gpt-9' not found"),
+    ("a prompt over the model's length", "post", CHAT,
+     dict(json=chat_body("answer en " + "why " * 600, data_url(WORLD[0]))), 400, "takes at most 512"),
+    ("max_tokens over the model's length", "post", CHAT,
+     dict(json=chat_body("caption en", data_url(WORLD[0]), max_tokens=500)), 400, "takes at most 512"),
     ("n other than 1", "post", CHAT, dict(json=chat_body("caption en", data_url(WORLD[0]), n=2)), 400, "n=2"),
     ("two images", "post", CHAT, dict(json={**chat_body("caption en", "x"), "messages": [{"role": "user", "content": [
         {"type": "text", "text": "caption en"}, *[{"type": "image_url", "image_url": {"url": "x"}}] * 2]}]}), 400,
      "exactly one image_url"),
-    ("a remote image without --allow-remote-images", "post", CHAT, dict(json=chat_body("caption en", "http://127.0.0.1:9/a.png")),
-     403, "--allow-remote-images"),
-    ("a local image outside the allowed folder", "post", CHAT, dict(json=chat_body("caption en", "file:///etc/hostname")),
-     403, "outside the folder"),
+    ("a remote image without --allow-remote-images", "post", CHAT,
+     dict(json=chat_body("caption en", "http://127.0.0.1:9/a.png")), 403, "--allow-remote-images"),
+    ("a local image outside the allowed folder", "post", CHAT,
+     dict(json=chat_body("caption en", "file:///etc/hostname")), 403, "outside the folder"),
     ("labels with nothing in them", "post", "/v1/detect", dict(json={"image": "x", "labels": " ; "}), 400, "labels"),
 ]
 
@@ -322,8 +315,7 @@ LONG = dict(min_tokens=440, max_tokens=440)  # the default model takes 512 posit
 
 def test_a_full_queue_is_a_503_and_a_disconnect_cancels(small_server, captions):
     client = OpenAI(base_url=small_server.url + "/v1", api_key="unused", max_retries=0)
-    long = client.chat.completions.create(model="nanopali-default", messages=messages("caption en", data_url(WORLD[0])),
-                                          stream=True, extra_body=LONG)
+    long = ask(client, "caption en", WORLD[0], stream=True, extra_body=LONG)
     next(iter(long))  # decoding now, in the only batch row
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(small_server.post, CHAT, json=chat_body("caption en", data_url(WORLD[1])))
@@ -435,8 +427,8 @@ def test_the_web_page_captions_and_detects_in_a_real_browser(server, browser, ca
             element("text").clear()
             element("text").send_keys(text)
         element("run").click()
-        WebDriverWait(browser, 60).until(lambda b: element("run").is_enabled()
-                                         and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") != "running")
+        WebDriverWait(browser, 60).until(lambda b: element("run").is_enabled() and b.find_element(
+            By.TAG_NAME, "body").get_attribute("data-state") != "running")
 
     def screenshot(name):
         path = os.path.join(SCREENSHOTS or tmp_path, name)

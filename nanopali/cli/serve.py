@@ -21,7 +21,8 @@ def _options(s: argparse.ArgumentParser) -> None:
     model_options(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed at start)")
-    s.add_argument("--served-model-name", help=f"the model name clients send (default: the checkpoint folder's name; {DEFAULT_NAME} without --model)")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint folder's name; "
+                   f"{DEFAULT_NAME} without --model)")
     s.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default 64)")
     s.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${KEY_VAR}; none: no key)")
@@ -30,7 +31,8 @@ def _options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-image-pixels", type=int, default=25_000_000,
                    help="largest image, width x height (default 25 million: a decompression-bomb guard)")
     s.add_argument("--allow-local-images", metavar="DIR",
-                   help="let file:// image URLs read files inside DIR (never outside it, whatever `..` or symlinks say)")
+                   help="let file:// image URLs read files inside DIR (never outside it, whatever `..` or "
+                        "symlinks say)")
     s.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="let the server fetch http(s):// image URLs (default: refused)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -64,7 +66,6 @@ def run(args) -> int:
         raise UsageError(f"nanopali serve needs the serve extra ({e.name} is missing): "
                          "pip install -e '.[serve]'") from None
     from nanopali.cli.common import load
-
     from nanopali.devices import resolve_device, resolve_dtype
 
     resolve_device(args.device), resolve_dtype(args.dtype)  # checked before listening, as the model folder is

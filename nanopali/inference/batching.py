@@ -40,8 +40,8 @@ from nanopali.inference.options import GenerationOptions
 from nanopali.inference.runtime import Runtime
 from nanopali.models.paligemma import PaliGemma
 
-SHARED = ("eos_token_id", "pad_token_id", "vocab_limit")
-GROW = 64  # cache slots a relayout adds at most; a batch whose rows go on past them is laid out again  # options the tokenizer fixes for every row of a batch
+SHARED = ("eos_token_id", "pad_token_id", "vocab_limit")  # options the tokenizer fixes for every row of a batch
+GROW = 64  # cache slots a relayout adds at most; a batch whose rows go on past them is laid out again
 
 
 @dataclass(eq=False)

@@ -39,7 +39,8 @@ from nanopali.serve.images import ImageAccessError, ImagePolicy, decode_base64
 from nanopali.serve.metrics import Metrics
 from nanopali.serve.middleware import Authentication, BodyLimit, Counting
 
-PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment"}  # metrics labels
+# the endpoints the metrics count by name (others: "other")
+PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment"}
 
 log = logging.getLogger("nanopali.serve")
 
@@ -195,7 +196,8 @@ def text_router(state: State) -> APIRouter:
         text = "".join([piece async for piece in job.pieces(request)])
         return {"id": api.new_id(kind), "object": {"detect": "detection", "segment": "segmentation"}[kind],
                 "created": int(time.time()), "model": settings.model_name, "text": text,
-                "image_size": list(job.row.image.size), **(await job.objects(body.convention)), "usage": api.usage(job.row)}
+                "image_size": list(job.row.image.size), **(await job.objects(body.convention)),
+                "usage": api.usage(job.row)}
 
     @router.post("/v1/detect")
     async def detect(body: api.TaskRequest, request: Request):
@@ -242,7 +244,8 @@ class Job:
         self.first = True
 
     @classmethod
-    async def start(cls, state: State, url: str | None, prompt: str, options: dict, arrived: float, raw: str | None = None):
+    async def start(cls, state: State, url: str | None, prompt: str, options: dict, arrived: float,
+                    raw: str | None = None):
         """Read the image, make the row (checked by the pipeline) and queue it; errors are ServerErrors."""
         job, settings = cls(state, arrived), state.settings
         with _as_http_errors():
