@@ -14,9 +14,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from openai import OpenAI
 from PIL import Image
 from serve_process import EXAMPLES, KEY, chat_body, data_url, running_server
+from siglip_reference import write_checkpoint as write_siglip_checkpoint
 
 import nanopali
 
@@ -37,9 +39,18 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(folders):
+def siglip_dir(tmp_path_factory):
+    """A tiny random SigLIP checkpoint (transformers' weights, a tokenizer trained here) for --siglip."""
+    folder = tmp_path_factory.mktemp("siglip")
+    write_siglip_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(folders, siglip_dir):
     with running_server("--api-key", KEY, "--allow-local-images", str(folders / "allowed"), "--dtype", "float32",
-                        "--max-body-bytes", "1500000", "--max-image-pixels", "1000000") as s:
+                        "--max-body-bytes", "1500000", "--max-image-pixels", "1000000",
+                        "--siglip", str(siglip_dir), "--siglip-name", "tiny-siglip") as s:
         yield s
 
 
@@ -244,6 +255,18 @@ LIMITS = [  # (case, method, path, request, status, words the error message must
     ("a local image outside the allowed folder", "post", CHAT,
      dict(json=chat_body("caption en", "file:///etc/hostname")), 403, "outside the folder"),
     ("labels with nothing in them", "post", "/v1/detect", dict(json={"image": "x", "labels": " ; "}), 400, "labels"),
+    ("classify without labels", "post", "/v1/classify", dict(json={"image": data_url(WORLD[0]), "labels": " , "}), 400,
+     "no labels"),
+    ("classify: an unknown model", "post", "/v1/classify", dict(json={"model": "gpt-9", "image": data_url(WORLD[0]),
+                                                                       "labels": "a"}), 404, "'gpt-9' not found"),
+    ("classify: a template without {}", "post", "/v1/classify",
+     dict(json={"image": data_url(WORLD[0]), "labels": "a", "template": "a photo"}), 400, "one {}"),
+    ("embeddings: another width", "post", "/v1/embeddings", dict(json={"input": "a", "dimensions": 7}), 400,
+     "dimensions=7"),
+    ("embeddings: no input", "post", "/v1/embeddings", dict(json={"input": []}), 422, "input"),
+    ("embeddings: too many inputs", "post", "/v1/embeddings", dict(json={"input": ["a"] * 257}), 422, "input"),
+    ("embeddings: an undecodable image", "post", "/v1/embeddings", dict(json={"input": [
+        {"type": "image_url", "image_url": {"url": data_url(b"broken")}}]}), 400, "not an image"),
 ]
 
 
@@ -370,6 +393,7 @@ def test_a_request_past_the_timeout_is_a_504_and_the_key_may_come_from_the_envir
     (["--allow-local-images", "/no/such/folder"], "not a directory"),
     (["--model", "/no/such/model"], "/no/such/model"),
     (["--device", "cuda:99"], "cuda"),
+    (["--siglip", "/no/such/siglip"], "/no/such/siglip"),
 ])
 def test_serve_flags_are_checked_before_it_listens(capsys, args, message):
     from nanopali import cli
@@ -463,3 +487,47 @@ def test_the_web_page_captions_and_detects_in_a_real_browser(server, browser, ca
 
     run("prompt", "answer en " + "why " * 600)  # the server refuses it: the page says why
     assert "takes at most 512" in element("error").text
+
+
+# ---------------------------------------------------------------------- the contrastive model: embeddings, classify
+
+
+@pytest.fixture(scope="module")
+def clip(siglip_dir):
+    return nanopali.load_contrastive(siglip_dir)  # what the server loads (--siglip DIR, float32)
+
+
+def test_embeddings_equal_the_pipelines_through_the_openai_client(server, client, clip):
+    texts = ["a red circle", "two shapes", "word " * 40]
+    want = clip.embed_texts(texts)
+    for options in ({}, {"encoding_format": "float"}):  # without one, the client asks for base64 and decodes it
+        reply = client.embeddings.create(model="tiny-siglip", input=texts, **options)
+        torch.testing.assert_close(torch.tensor([d.embedding for d in reply.data]), want, rtol=1e-4, atol=1e-5)
+    reply = client.embeddings.create(model="tiny-siglip", input=texts, encoding_format="base64")
+    got = np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in reply.data])
+    torch.testing.assert_close(torch.from_numpy(got.copy()), want, rtol=1e-4, atol=1e-5)
+    assert reply.model == "tiny-siglip" and reply.usage.prompt_tokens > 0
+    raw = server.post("/v1/embeddings", json={"input": texts}).json()
+    assert raw["truncated"] == [2]  # the 41-token text was cut to the text tower's 16
+
+
+def test_embeddings_of_image_parts_and_classify_equal_the_pipelines(server, clip):
+    reply = server.post("/v1/embeddings", json={"model": "tiny-siglip", "input": [
+        "a red circle", {"type": "image_url", "image_url": {"url": data_url(WORLD[1])}}]})
+    assert reply.status_code == 200, reply.text
+    got = torch.tensor([d["embedding"] for d in reply.json()["data"]])
+    torch.testing.assert_close(got[1], clip.embed_images([str(WORLD[1])])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0], clip.embed_texts(["a red circle"])[0], rtol=1e-4, atol=1e-5)
+    labels = ["a yellow square", "a blue star", "two shapes"]
+    reply = server.post("/v1/classify", json={"image": data_url(WORLD[0]), "labels": labels,
+                                              "template": "a photo of {}."}).json()
+    want = clip.classify(str(WORLD[0]), labels, template="a photo of {}.")
+    assert reply["probability"] == "sigmoid" and reply["object"] == "classification"
+    assert [(x["label"], pytest.approx(x["probability"], rel=1e-4)) for x in reply["labels"]] == want
+    models = {m["id"] for m in server.get("/v1/models").json()["data"]}
+    assert models == {"nanopali-default", "tiny-siglip"}
+
+
+def test_a_server_without_a_siglip_says_how_to_get_one(small_server):
+    reply = small_server.post("/v1/classify", json={"image": data_url(WORLD[0]), "labels": "a"})
+    assert reply.status_code == 404 and "--siglip" in reply.json()["error"]["message"]

@@ -35,6 +35,11 @@ def _options(s: argparse.ArgumentParser) -> None:
                         "symlinks say)")
     s.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="let the server fetch http(s):// image URLs (default: refused)")
+    s.add_argument("--siglip", nargs="?", const="", metavar="DIR",
+                   help="also serve a contrastive SigLIP (POST /v1/embeddings, /v1/classify): DIR, or without DIR the "
+                        "shipped toy-world one")
+    s.add_argument("--siglip-name", help="the SigLIP's served name (default: its folder's name; nanopali-siglip for the "
+                                         "shipped one)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -57,8 +62,9 @@ def run(args) -> int:
     try:
         import torch
 
+        from nanopali.io import big_vision
         from nanopali.io.hf_checkpoint import checkpoint_dir
-        from nanopali.paths import default_model_dir
+        from nanopali.paths import default_model_dir, default_siglip_dir
         from nanopali.serve.app import Settings
         from nanopali.serve.images import ImagePolicy
         from nanopali.serve.server import serve
@@ -69,14 +75,27 @@ def run(args) -> int:
     from nanopali.devices import resolve_device, resolve_dtype
 
     resolve_device(args.device), resolve_dtype(args.dtype)  # checked before listening, as the model folder is
-    path = checkpoint_dir(default_model_dir() if args.model is None else args.model)
+    if args.model is not None and big_vision.is_npz(args.model):
+        big_vision.check_file(args.model)
+        path = Path(args.model)
+    else:
+        path = checkpoint_dir(default_model_dir() if args.model is None else args.model)
+    siglip = None if args.siglip is None else checkpoint_dir(args.siglip or default_siglip_dir())
     if args.threads:
         torch.set_num_threads(args.threads)
     api_key = args.api_key if args.api_key is not None else os.environ.get(KEY_VAR) or None
-    name = args.served_model_name or (DEFAULT_NAME if args.model is None else path.name)
+    name = args.served_model_name or (DEFAULT_NAME if args.model is None else path.stem)
+    siglip_name = None if siglip is None else args.siglip_name or ("nanopali-siglip" if not args.siglip else siglip.name)
+    if siglip_name is not None and siglip_name == name:
+        raise UsageError(f"--siglip-name {siglip_name}: the PaliGemma is served under that name already")
     settings = Settings(model_name=name, max_batch=args.max_batch,
                         max_queue=args.max_queue, api_key=api_key, timeout=args.timeout,
                         max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
                         images=ImagePolicy(local_dir=local, remote=args.allow_remote_images,
-                                           max_bytes=args.max_body_bytes))
-    return serve(settings, lambda: load(args), args.host, args.port, args.log_level)
+                                           max_bytes=args.max_body_bytes), siglip_name=siglip_name)
+
+    def load_siglip():
+        from nanopali.zero_shot import load_contrastive
+        return load_contrastive(siglip, dtype=args.dtype, device=args.device)
+    return serve(settings, lambda: load(args), args.host, args.port, args.log_level,
+                 load_siglip=None if siglip is None else load_siglip)

@@ -28,7 +28,11 @@ from nanopali.json_files import read_json
 
 
 class TextTruncatedWarning(UserWarning):
-    """A text was longer than the text tower's fixed length and was cut."""
+    """A text was longer than the text tower's fixed length and was cut; `index` is its place in the batch."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 class SigLIPProcessor:
@@ -76,7 +80,7 @@ class SigLIPProcessor:
             if len(ids) > L:
                 warnings.warn(TextTruncatedWarning(
                     f"text {i} ({text[:40]!r}{'…' if len(text) > 40 else ''}) is {len(ids)} tokens; it was cut to {L}, the "
-                    "text tower's fixed length"), stacklevel=3)
+                    "text tower's fixed length", i), stacklevel=3)
                 tail = ids[-1:] if tok.ends_with_eos else []
                 ids = ids[: L - len(tail)] + tail
             pad = [tok.pad_id] * (L - len(ids))

@@ -1,5 +1,5 @@
-"""The HTTP dialect: OpenAI's chat-completions request and response objects, the task endpoints' JSON, and how
-a request becomes a PaliGemma prompt and generation options (everything here is pure: no model, no I/O).
+"""The HTTP dialect: OpenAI's chat-completions and embeddings request and response objects, the task endpoints'
+JSON, and how a request becomes a PaliGemma prompt and generation options (everything here is pure: no model, no I/O).
 
 A chat request is one user message whose content has one image_url part and text parts; the text is the
 PaliGemma prompt ("caption en", "answer en ...", "detect a ; b", "segment a", "ocr"; PROMPT_WORDS), and any
@@ -83,6 +83,24 @@ class TaskRequest(Strict):
     labels: str | list[str]  # "cat ; dog" or ["cat", "dog"]
     max_tokens: int | None = Field(None, ge=1)
     convention: Literal["bigvision", "hfspace"] = "bigvision"
+
+
+class EmbeddingsRequest(Strict):
+    """POST /v1/embeddings (a SigLIP): OpenAI's embeddings request; an input item may also be an image part
+    ({"type": "image_url", "image_url": {"url": ...}}), embedded by the image tower into the same space."""
+    model: str | None = None
+    input: str | list[Annotated[str | ImagePart, Field(union_mode="left_to_right")]] = Field(min_length=1, max_length=256)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # refused unless it is the model's width: SigLIP's features have one size
+    user: str | None = None
+
+
+class ClassifyRequest(Strict):
+    """POST /v1/classify (a SigLIP): an image and labels in, each label's probability out."""
+    model: str | None = None
+    image: str  # a data URL, plain base64, or (when allowed) a file:// or http(s):// URL
+    labels: str | list[str]  # "cat, dog" or ["cat", "dog"]
+    template: str = "{}"
 
 
 def chat_prompt(request: ChatRequest) -> tuple[str, str]:
@@ -204,6 +222,14 @@ def _png(mask: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).convert("1").save(buffer, format="PNG", optimize=True)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def embeddings(model: str, vectors: torch.Tensor, tokens: int, encoding: str) -> dict:
+    """OpenAI's embeddings response; base64 is the float32 little-endian bytes of each vector."""
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") if encoding == "base64"
+             else v.tolist()} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -6,13 +6,14 @@
     GET  /v1/models             the one model this server serves
     POST /v1/chat/completions   OpenAI's chat completions, streaming or not (api.py)
     POST /v1/detect, /v1/segment   an image and labels in, objects out
+    POST /v1/embeddings, /v1/classify   a contrastive SigLIP, when the server has one (--siglip; siglip.py)
 
 Every request goes the same way: its image URL is read under the ImagePolicy (images.py), the pipeline turns
 image, prompt and options into a checked row (Pali.row: a NanopaliError here is a 400 naming the problem), the
 engine queues it (503 with Retry-After when the queue is full) and steps it with the others (engine.py), and
 the answer streams back through an asyncio queue. A request that runs past --timeout is cancelled (504); a
-streaming client that disconnects cancels its row at the next step. Model families plug in as routers
-(`text_router`); SigLIP's /v1/embeddings and /v1/classify will be a second one beside it.
+streaming client that disconnects cancels its row at the next step. Model families plug in as routers:
+`text_router` here, `siglip_router` (siglip.py) for the contrastive model's /v1/embeddings and /v1/classify.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanopali.errors import NanopaliError
 from nanopali.serve import api
 from nanopali.serve.engine import Engine, QueueFull
-from nanopali.serve.images import ImageAccessError, ImagePolicy, decode_base64
+from nanopali.serve.errors import ServerError, as_http_errors
+from nanopali.serve.images import ImagePolicy, decode_base64
 from nanopali.serve.metrics import Metrics
 from nanopali.serve.middleware import Authentication, BodyLimit, Counting
+from nanopali.serve.siglip import siglip_router
 
 # the endpoints the metrics count by name (others: "other")
-PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment"}
+PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/detect", "/v1/segment",
+         "/v1/embeddings", "/v1/classify"}
 
 log = logging.getLogger("nanopali.serve")
 
@@ -56,23 +60,18 @@ class Settings:
     max_body_bytes: int = 20 * 2**20
     max_image_pixels: int = 25_000_000
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    siglip_name: str | None = None          # the contrastive model's served name; None: the server has none
 
 
-class ServerError(Exception):
-    """An HTTP error answered in OpenAI's error format."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
-
-
-def create_app(settings: Settings, load: Callable[[], object], on_load_error: Callable[[BaseException], None] = None):
-    """The app; `load()` returns the Pali, called on a thread at startup while /health answers 503."""
+def create_app(settings: Settings, load: Callable[[], object], on_load_error: Callable[[BaseException], None] = None,
+               load_siglip: Callable[[], object] | None = None):
+    """The app; `load()` returns the Pali (and `load_siglip()`, with settings.siglip_name, the zero-shot pipeline's
+    Contrastive), called on a thread at startup while /health answers 503."""
     state = State(settings, Metrics())
 
     async def lifespan(app):
-        thread = threading.Thread(target=state.load, args=(load, on_load_error), name="nanopali-load", daemon=True)
+        thread = threading.Thread(target=state.load, args=(load, on_load_error, load_siglip), name="nanopali-load",
+                                  daemon=True)
         thread.start()
         yield
         if state.engine is not None:
@@ -116,6 +115,7 @@ def create_app(settings: Settings, load: Callable[[], object], on_load_error: Ca
         return Response(body, media_type=content_type)
 
     app.include_router(text_router(state))
+    app.include_router(siglip_router(state))
     return app
 
 
@@ -124,14 +124,16 @@ class State:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.pali, self.engine, self.error = None, None, None
+        self.pali, self.engine, self.error, self.clip = None, None, None, None
 
     @property
     def ready(self) -> bool:
         return self.engine is not None
 
-    def load(self, load, on_error) -> None:
+    def load(self, load, on_error, load_siglip=None) -> None:
         try:
+            if load_siglip is not None:
+                self.clip = load_siglip()
             pali = load()
             engine = Engine(pali, self.settings.max_batch, self.settings.max_queue, self.metrics)
             engine.start()
@@ -150,6 +152,20 @@ class State:
             raise ServerError(404, f"model {name!r} not found; this server serves {self.settings.model_name!r}",
                               param="model", code="model_not_found")
 
+    def check_siglip(self, name: str | None):
+        """The contrastive pipeline for a request naming `name` (None: the one there is); 404 when there is none."""
+        served = self.settings.siglip_name
+        if served is None:
+            raise ServerError(404, "this server has no contrastive model; start it with --siglip [DIR] for "
+                              "/v1/embeddings and /v1/classify", code="model_not_found")
+        if not self.ready:
+            raise ServerError(503, "the model is still loading; /health says when it is ready", "server_error",
+                              headers={"Retry-After": "5"})
+        if name is not None and name != served:
+            raise ServerError(404, f"model {name!r} not found; this server's contrastive model is {served!r}",
+                              param="model", code="model_not_found")
+        return self.clip
+
 
 # ---------------------------------------------------------------------- PaliGemma: text, boxes and masks
 
@@ -161,18 +177,20 @@ def text_router(state: State) -> APIRouter:
     @router.get("/v1/models")
     async def models():
         state.check_model(None)
-        return {"object": "list", "data": [_model_card(settings.model_name)]}
+        names = [settings.model_name] + ([settings.siglip_name] if settings.siglip_name else [])
+        return {"object": "list", "data": [_model_card(n) for n in names]}
 
     @router.get("/v1/models/{name:path}")
     async def model(name: str):
-        state.check_model(name)
+        if name != settings.siglip_name:
+            state.check_model(name)
         return _model_card(name)
 
     @router.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request):
         arrived = time.monotonic()
         state.check_model(body.model)
-        with _as_http_errors():
+        with as_http_errors():
             url, prompt = api.chat_prompt(body)
             options, stop = api.chat_options(body, state.pali.model.device)
         job = await Job.start(state, url, prompt, options, arrived)
@@ -188,7 +206,7 @@ def text_router(state: State) -> APIRouter:
     async def task(kind: str, body: api.TaskRequest, request: Request):
         arrived = time.monotonic()
         state.check_model(body.model)
-        with _as_http_errors():
+        with as_http_errors():
             prompt = api.task_prompt(kind, body)
         url = body.image if body.image.split(":", 1)[0].lower() in ("data", "file", "http", "https") else None
         options = {"max_new_tokens": body.max_tokens} if body.max_tokens else {}
@@ -248,7 +266,7 @@ class Job:
                     raw: str | None = None):
         """Read the image, make the row (checked by the pipeline) and queue it; errors are ServerErrors."""
         job, settings = cls(state, arrived), state.settings
-        with _as_http_errors():
+        with as_http_errors():
             data = (await run_in_threadpool(settings.images.read, url) if url is not None
                     else decode_base64(raw, "image"))
             job.row = await run_in_threadpool(state.pali.row, data, prompt, max_pixels=settings.max_image_pixels,
@@ -301,20 +319,6 @@ class Job:
         """For a detect / segment prompt, its parsed objects as JSON (api.objects_json); None otherwise."""
         result = await run_in_threadpool(self.state.pali.result, self.row, convention)
         return None if isinstance(result, str) else api.objects_json(result)
-
-
-class _as_http_errors:
-    """Turn the pipeline's NanopaliErrors into 400s (403 for an image the server may not read)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, ImageAccessError):
-            raise ServerError(403, str(error), "permission_error") from None
-        if isinstance(error, NanopaliError):
-            raise ServerError(400, str(error)) from None
-        return False
 
 
 def _model_card(name: str) -> dict:

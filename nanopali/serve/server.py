@@ -27,7 +27,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, load: Callable[[], object], host: str, port: int, log_level: str = "info") -> int:
+def serve(settings: Settings, load: Callable[[], object], host: str, port: int, log_level: str = "info",
+          load_siglip: Callable[[], object] | None = None) -> int:
     """Serve until interrupted; returns the exit status (2 when the model could not be loaded)."""
     sock = listen(host, port)
     failure: list[BaseException] = []
@@ -38,7 +39,7 @@ def serve(settings: Settings, load: Callable[[], object], host: str, port: int, 
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, load, on_load_error=load_failed)
+    app = create_app(settings, load, on_load_error=load_failed, load_siglip=load_siglip)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
