@@ -31,6 +31,7 @@ from nanopali.inference.answers import generate_answers
 from nanopali.inference.batching import Row, RowBatch, check_row
 from nanopali.inference.generate import tokenizer_settings
 from nanopali.inference.options import GenerationOptions
+from nanopali.inference.quantize import load_quantized
 from nanopali.inference.runtime import Runtime, prepare
 from nanopali.inference.streaming import stream
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, load_image
@@ -80,7 +81,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
     PaliGemmaConfig) and `tokenizer=` (big_vision's paligemma_tokenizer.model; default: that file beside the npz).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
-    quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
+    quantize="int8"/"int4" quantizes the decoder (inference/quantize.py), as it is read from a checkpoint directory. fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
     `dtype` may be named ("bfloat16", "bf16", "float32"…); `device`, `dtype`, the config and the tokenizer are
     checked before the weights are read: "cuda" without a GPU torch can see, a misspelt device or a non-float
@@ -99,7 +100,10 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
             raise UsageError(f"{' and '.join(extra)}: only for a big_vision .npz; a checkpoint directory carries its "
                              "own config.json and tokenizer")
         folder = checkpoint_dir(default_model_dir() if path is None else path)
-        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, progress=progress)
+        if quantize is None:
+            model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, progress=progress)
+        else:  # quantized as it is read: never the float decoder in memory
+            model = load_quantized(folder, quantize, dtype=dtype, device=device, progress=progress)
         processor = Processor.from_pretrained(folder)
     runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
     vae_file = Path(vae) if vae is not None else folder / VAE_FILE if (folder / VAE_FILE).is_file() else None

@@ -1,21 +1,30 @@
-"""int8 / int4 weight-only quantization (inference/quantize.py): close to the float model, fast and plain paths agree, never saved."""
+"""int8 / int4 weight-only quantization (inference/quantize.py): close to the float model, fast and plain paths agree,
+the same model quantized as it is read, never saved."""
+
+import json
 
 import pytest
 import torch
 from hf_reference import batch, hf_config, hf_model
 from test_cpu_kernels import decode_logits
 
+import nanopali
 from nanopali import PaliGemma, prepare
+from nanopali.errors import CheckpointError, UsageError
 from nanopali.inference.quantize import (
+    QUANTIZED,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
     int4_group,
+    load_quantized,
     quantize,
     quantize_groups,
+    quantize_int4,
     quantize_rows,
     quantized_mode,
 )
+from nanopali.paths import default_model_dir
 
 
 def quantized(path, mode: str, dtype=torch.bfloat16, **options):
@@ -42,6 +51,14 @@ def test_groups_round_trip_within_half_a_step():
     assert (err <= scale / 2 + 1e-6 * w.abs().amax()).all()
     # each group's min and max are represented (to rounding)
     assert torch.allclose(((q - 8) * scale + zero).view(32, 4, 64).amin(-1), w.view(32, 4, 64).amin(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("N", [64, 80, 304])  # whole blocks, a block and a tail, several chunks and a tail
+def test_int4_packing_by_chunks_equals_packing_at_once(N):
+    w = torch.randn(N, 256, generator=torch.Generator().manual_seed(N))
+    q, scales_and_zeros = quantize_groups(w, 64)
+    packed, got_scales = quantize_int4(w, 64, chunk=64 * 256)  # 64 rows at a time
+    assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(q, 2)) and torch.equal(got_scales, scales_and_zeros)
 
 
 def test_int4_group_sizes_follow_the_kernel():
@@ -123,3 +140,46 @@ def test_quantized_model_refuses_to_save_and_bad_modes_are_named(checkpoint, tmp
         prepare(PaliGemma.from_pretrained(path), quantize="int3")
     with pytest.raises(ValueError, match="int4 group size 100 is not one of"):
         quantize(PaliGemma.from_pretrained(path), "int4", group_size=100)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_as_read_equals_quantized_after_loading(checkpoint, mode, monkeypatch):
+    """load_quantized reads each decoder weight a few rows at a time and never keeps its float rows: the model it
+    makes is, bit for bit, the one quantize() makes of the loaded float model."""
+    path, _ = checkpoint
+    monkeypatch.setattr("nanopali.inference.quantize.quantize_rows.__defaults__", (48 * 64,))  # several chunks a weight
+    monkeypatch.setattr("nanopali.inference.quantize.quantize_groups.__defaults__", (48 * 64,))
+    want = quantize(PaliGemma.from_pretrained(path, dtype=torch.bfloat16), mode)
+    got = load_quantized(path, mode, dtype=torch.bfloat16)
+    assert_same_state(want.state_dict(), got.state_dict())
+    assert quantized_mode(got) == mode and not any(t.is_meta for t in got.state_dict().values())
+    runtime = prepare(got, quantize=mode)  # taken as it is; its layers compute with the runtime's kernels
+    assert all(m.kernels is runtime.kernels for m in got.modules() if isinstance(m, QUANTIZED))
+    with pytest.raises(UsageError, match="quantized to int8 already; it cannot be prepared as int4"):
+        prepare(load_quantized(path, "int8"), quantize="int4")
+
+
+def test_load_with_quantize_reads_the_quantized_model():
+    """nanopali.load(quantize=) (and so the CLI's --quantize) quantizes as it reads: the default model's weights equal
+    those quantized after a plain load."""
+    want = quantize(PaliGemma.from_pretrained(default_model_dir()), "int8")
+    assert_same_state(want.state_dict(), nanopali.load(quantize="int8").model.state_dict())
+
+
+def test_quantized_reading_checks_the_file_first(checkpoint, tmp_path):
+    path, _ = checkpoint
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*\n.*mlp.down_proj.weight: file"):
+        load_quantized(tmp_path, "int8")
+    with pytest.raises(UsageError, match="unknown quantization 'int3'"):
+        load_quantized(path, "int3")

@@ -14,25 +14,34 @@ they run once per image. A quantized model is for inference only: `save_pretrain
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanopali.config import PaliGemmaConfig
+from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
-from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, unpack_int4
+from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, int4_block, unpack_int4
+from nanopali.io.hf_checkpoint import Rows, checkpoint_dir, load_into
 from nanopali.models.paligemma import PaliGemma
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel takes
+CHUNK = 1 << 22  # weights quantized at a time: 16 MB of fp32 temporaries each
 
 
-def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor | Rows, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) float -> (int8 (N, K), fp32 scale (N,)) with weight ≈ int8 · scale[:, None].
 
-    Works `chunk` rows at a time, so the fp32 temporaries stay small (the 257216-row embedding
-    would otherwise need several GB of them).
+    Works on `chunk` weights at a time (whole rows), so the fp32 temporaries stay small (the 257216-row
+    embedding would otherwise need several GB of them), and a weight not yet read (hf_checkpoint.Rows) is
+    read a chunk at a time.
     """
     N, K = weight.shape
+    chunk = max(1, chunk // K)  # rows
     q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
     scale = torch.empty(N, dtype=torch.float32, device=weight.device)
     for start in range(0, N, chunk):
@@ -43,26 +52,6 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """A bias-free linear layer with int8 weights (N, K) and per-output-channel scales (N,)."""
-
-    def __init__(self, linear: nn.Linear, kernels: CpuKernels = PLAIN):
-        super().__init__()
-        self.kernels = kernels
-        if linear.bias is not None:
-            raise ValueError("Int8Linear quantizes bias-free layers only (the Gemma decoder's)")
-        q, scale = quantize_rows(linear.weight)
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.weight, self.scale)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
-
-
 def int4_group(N: int, K: int, preferred: int = 128) -> int | None:
     """The group size an (N, K) weight gets: the largest kernel-supported size <= preferred dividing K (None: stays int8)."""
     if N % 16:
@@ -70,10 +59,12 @@ def int4_group(N: int, K: int, preferred: int = 128) -> int | None:
     return next((g for g in INT4_GROUPS if g <= preferred and K % g == 0), None)
 
 
-def quantize_groups(weight: torch.Tensor, group: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(weight: torch.Tensor | Rows, group: int, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) float -> (int32 q (N, K) in 0..15, fp32 scales and zeros (K / group, N, 2)) with
-    weight ≈ (q - 8) · scale + zero per run of `group` weights of a row (min -> 0, max -> 15)."""
+    weight ≈ (q - 8) · scale + zero per run of `group` weights of a row (min -> 0, max -> 15); `chunk` weights
+    (whole rows) at a time."""
     N, K = weight.shape
+    chunk = max(1, chunk // K)  # rows
     q = torch.empty(N, K, dtype=torch.int32, device=weight.device)
     scales_and_zeros = torch.empty(K // group, N, 2, dtype=torch.float32, device=weight.device)
     for start in range(0, N, chunk):
@@ -85,24 +76,75 @@ def quantize_groups(weight: torch.Tensor, group: int, chunk: int = 4096) -> tupl
     return q, scales_and_zeros
 
 
+def quantize_int4(weight: torch.Tensor | Rows, group: int, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (uint8 (N, K / 2) packed as torch's CPU int4 kernel wants, fp32 scales and zeros
+    (K / group, N, 2)): quantize_groups and torch's packing, a few blocks of rows at a time. The packing lays out
+    blocks of int4_block() rows one after the other (the last N % block rows at the end), so packing whole blocks
+    separately gives the bytes of packing the matrix at once, without its int32 (N, K) codes."""
+    N, K = weight.shape
+    check_int4_layout()
+    rows = max(1, chunk // K // int4_block()) * int4_block()
+    if N - rows < int4_block():
+        rows = N
+    packed = torch.empty(N * K // 2, dtype=torch.uint8)
+    scales_and_zeros = torch.empty(K // group, N, 2, dtype=torch.float32)
+    for start in range(0, N, rows):
+        stop = N if N - start < rows + int4_block() else start + rows  # the tail goes with the last whole blocks
+        q, scales_and_zeros[:, start:stop] = quantize_groups(weight[start:stop], group)
+        packed[start * K // 2:stop * K // 2] = torch._convert_weight_to_int4pack_for_cpu(q, 2).view(-1)
+        if stop == N:
+            break
+    return packed.view(N, K // 2), scales_and_zeros
+
+
+@functools.cache
+def check_int4_layout() -> None:
+    """RuntimeError if this torch packs int4 weights in a layout cpu_kernels.unpack_int4 does not know."""
+    q = torch.randint(0, 16, (80, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    if not torch.equal(unpack_int4(torch._convert_weight_to_int4pack_for_cpu(q, 2), 80, 64), q.to(torch.uint8)):
+        raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout cpu_kernels.unpack_int4 does "
+                           "not know; int4 is not supported with this torch (use int8)")
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights (N, K) and per-output-channel scales (N,)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, kernels: CpuKernels = PLAIN):
+        super().__init__()
+        self.kernels = kernels
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor | Rows, kernels: CpuKernels = PLAIN) -> "Int8Linear":
+        return cls(*quantize_rows(weight), kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear layer with group-wise int4 weights, packed as torch's CPU int4 kernel wants them."""
 
-    def __init__(self, linear: nn.Linear, group: int, kernels: CpuKernels = PLAIN):
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernels: CpuKernels = PLAIN):
         super().__init__()
         self.kernels = kernels
-        if linear.bias is not None:
-            raise ValueError("Int4Linear quantizes bias-free layers only (the Gemma decoder's)")
-        N, K = linear.weight.shape
-        q, scales_and_zeros = quantize_groups(linear.weight, group)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-        if not torch.equal(unpack_int4(packed, N, K), q.to(torch.uint8)):
-            raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout cpu_kernels.unpack_int4 does "
-                               "not know; int4 is not supported with this torch (use int8)")
-        self.register_buffer("weight", packed)                                   # uint8 (N, K / 2)
-        # in the layer's dtype, as the kernel wants them (bf16 for a bf16 model)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(linear.weight.dtype))
-        self.in_features, self.out_features, self.group = K, N, group
+        self.register_buffer("weight", packed)                         # uint8 (N, K / 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)     # (K / G, N, 2), in the model's dtype
+        groups, N, _ = scales_and_zeros.shape
+        self.in_features, self.out_features = packed.numel() * 2 // N, N
+        self.group = self.in_features // groups
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor | Rows, group: int, dtype: torch.dtype,
+                 kernels: CpuKernels = PLAIN) -> "Int4Linear":
+        """Scales and zeros in `dtype`, the model's: the kernel wants them in the activations' dtype."""
+        packed, scales_and_zeros = quantize_int4(weight, group)
+        return cls(packed, scales_and_zeros.to(dtype), kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear_int4(x, self.weight, self.scales_and_zeros)
@@ -114,13 +156,16 @@ class Int4Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """The token embedding / tied output head with int8 rows (V, D) and one scale per row (V,)."""
 
-    def __init__(self, embedding: nn.Embedding, kernels: CpuKernels = PLAIN):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, kernels: CpuKernels = PLAIN):
         super().__init__()
         self.kernels = kernels
-        q, scale = quantize_rows(embedding.weight)
-        self.register_buffer("weight", q)
+        self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.dtype = embedding.weight.dtype  # the dtype looked-up rows come back in
+        self.dtype = dtype  # the dtype looked-up rows come back in
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor | Rows, dtype: torch.dtype, kernels: CpuKernels = PLAIN) -> "Int8Embedding":
+        return cls(*quantize_rows(weight), dtype, kernels)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> rows (B, T, D) in the original dtype."""
@@ -131,9 +176,35 @@ class Int8Embedding(nn.Module):
         return self.kernels.linear(h, self.weight, self.scale)
 
 
-def _quantized_linear(linear: nn.Linear, mode: str, group_size: int, kernels: CpuKernels) -> nn.Module:
-    group = int4_group(*linear.weight.shape, preferred=group_size) if mode == "int4" else None
-    return Int8Linear(linear, kernels) if group is None else Int4Linear(linear, group, kernels)
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)  # every module with `kernels` that quantization puts in
+
+
+def quantized_module(weight: torch.Tensor | Rows, embedding: bool, mode: str, group_size: int, dtype: torch.dtype,
+                     kernels: CpuKernels = PLAIN) -> nn.Module:
+    """The quantized form of one decoder weight: the embedding int8 per row; a linear layer int8, or for int4 group-wise
+    int4 where the kernel takes its shape (int8 otherwise)."""
+    if embedding:
+        return Int8Embedding.quantize(weight, dtype, kernels)
+    group = int4_group(*weight.shape, preferred=group_size) if mode == "int4" else None
+    return Int8Linear.quantize(weight, kernels) if group is None else Int4Linear.quantize(weight, group, dtype, kernels)
+
+
+def targets(model: PaliGemma) -> dict[str, tuple[nn.Module, str]]:
+    """What quantization replaces, by module name (= state-dict prefix) -> (parent module, attribute): the linear
+    layers of every decoder layer's attention and MLP, and the token embedding (the tied head)."""
+    decoder = model.decoder
+    prefix = next(name for name, m in model.named_modules() if m is decoder)
+    found = {}
+    for i, layer in enumerate(decoder.layers):
+        for part in ("self_attn", "mlp"):
+            for name, child in getattr(layer, part).named_children():
+                if isinstance(child, nn.Linear):
+                    if child.bias is not None:
+                        raise ValueError(f"{prefix}.layers.{i}.{part}.{name} has a bias: only bias-free layers (Gemma's) "
+                                         "are quantized")
+                    found[f"{prefix}.layers.{i}.{part}.{name}"] = (getattr(layer, part), name)
+    found[f"{prefix}.embed_tokens"] = (decoder, "embed_tokens")
+    return found
 
 
 def quantized_mode(model: PaliGemma) -> str | None:
@@ -142,26 +213,62 @@ def quantized_mode(model: PaliGemma) -> str | None:
     return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds or Int8Embedding in kinds else None
 
 
-def quantize(model: PaliGemma, mode: str = "int8", kernels: CpuKernels = PLAIN, group_size: int = 128) -> nn.Module:
-    """Quantize the decoder of a PaliGemma in place (see the module docstring); returns the model.
-    `kernels`: the CPU kernels the quantized layers compute with; `group_size` (int4): weights per scale."""
+def check_mode(mode: str, group_size: int = 128) -> None:
     if mode not in MODES:
         raise UsageError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if group_size not in INT4_GROUPS:
         raise UsageError(f"int4 group size {group_size} is not one of {INT4_GROUPS}")
+
+
+def quantize(model: PaliGemma, mode: str = "int8", kernels: CpuKernels = PLAIN, group_size: int = 128) -> nn.Module:
+    """Quantize the decoder of a loaded PaliGemma in place (see the module docstring); returns the model.
+    `kernels`: the CPU kernels the quantized layers compute with; `group_size` (int4): weights per scale.
+    `load_quantized` makes the same model from a checkpoint directory without holding the float decoder."""
+    check_mode(mode, group_size)
     if quantized_mode(model):
         raise ValueError(f"the model is already quantized ({quantized_mode(model)})")
-    decoder = model.decoder
-    for layer in decoder.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, _quantized_linear(child, mode, group_size, kernels))  # the float weight is dropped here, layer by layer
-    decoder.embed_tokens = Int8Embedding(decoder.embed_tokens, kernels)
+    embedding = model.decoder.embed_tokens
+    for parent, attr in targets(model).values():
+        float_module = getattr(parent, attr)
+        weight = float_module.weight
+        setattr(parent, attr, quantized_module(weight, float_module is embedding, mode, group_size, weight.dtype, kernels))
+        del float_module, weight  # the float weight is dropped here, layer by layer
     # The float parameters left (vision tower, projector, norms) may still be views of the memory-mapped
     # checkpoint, which keeps the whole mapping, and every page quantization read, resident. Copying them
     # lets the mapping go: on the 3B, resident memory falls from 8.0 to 3.7 GB after loading.
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
+    return model
+
+
+def load_quantized(path: str | Path, mode: str = "int8", dtype: torch.dtype | str = torch.bfloat16,
+                   device: str | torch.device = "cpu", use_sliding_window: bool = True, progress: bool = False,
+                   group_size: int = 128, kernels: CpuKernels = PLAIN) -> PaliGemma:
+    """Read a checkpoint directory with its decoder quantized as it is read: bit for bit the model that
+    `quantize(PaliGemma.from_pretrained(path, dtype), mode)` makes, without the float decoder in memory.
+
+    Each decoder weight is read 4096 rows at a time (pread, not the memory map: hf_checkpoint.load_into), converted
+    to `dtype` and quantized; the other tensors (vision tower, projector, norms) are read into memory of their own.
+    The peak is then about the quantized model plus one weight in flight, where quantizing a loaded model holds
+    the whole float checkpoint for a while (BENCHMARKS.md: the 3B's int8 and int4 loads).
+    """
+    check_mode(mode, group_size)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    path = checkpoint_dir(path)
+    config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
+    with torch.device("meta"):
+        model = PaliGemma(config)
+    weights = {f"{name}.weight": (name, parent, attr) for name, (parent, attr) in targets(model).items()}
+    embedding = model.decoder.embed_tokens
+
+    def convert(key: str, rows: Rows) -> dict[str, torch.Tensor] | None:
+        if key not in weights:
+            return None  # read as it is
+        name, parent, attr = weights[key]
+        module = quantized_module(rows, getattr(parent, attr) is embedding, mode, group_size, dtype, kernels).to(device)
+        setattr(parent, attr, module)
+        return {f"{name}.{buffer}": t for buffer, t in module.state_dict().items()}
+
+    load_into(model, path, dtype, device, progress, convert=convert)
     return model

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from nanopali.errors import UsageError
 from nanopali.inference.cpu_kernels import MEASURE_MIN_PARAMS, PLAIN, CpuKernels, install
+from nanopali.inference.quantize import QUANTIZED, check_mode, quantized_mode
 from nanopali.inference.quantize import quantize as quantize_model
+from nanopali.models.gemma import GemmaDecoder
 from nanopali.models.paligemma import PaliGemma
 
 
@@ -33,14 +38,24 @@ def prepare(model: PaliGemma, quantize: str | None = None, cpu_kernels: bool = T
             force_path: str | None = None) -> Runtime:
     """Make a loaded PaliGemma ready for inference, in place, and return its Runtime.
 
-    quantize="int8" | "int4": the decoder's weights (quantize.py). cpu_kernels=False keeps torch's plain ops
-    and cuda_graphs=False an eager decode step: together, the debugging switch (`--no-fast`).
+    quantize="int8" | "int4": the decoder's weights (quantize.py); a model that `quantize.load_quantized` read in that
+    mode is taken as it is. cpu_kernels=False keeps torch's plain ops and cuda_graphs=False an eager decode step:
+    together, the debugging switch (`--no-fast`).
     force_path="loop" | "library": the one-row product path, instead of timing both (cpu_kernels.py).
     """
-    decoder_params = sum(p.numel() for p in model.decoder.parameters())
+    with torch.device("meta"):  # the float decoder's size, whether or not this one is quantized already
+        decoder_params = sum(p.numel() for p in GemmaDecoder(model.config.text_config).parameters())
     kernels = CpuKernels(enabled=cpu_kernels, measure=decoder_params >= MEASURE_MIN_PARAMS, force=force_path)
+    mode = quantized_mode(model)
     if quantize is not None:
-        quantize_model(model, quantize, kernels=kernels)
+        check_mode(quantize)
+        if mode is None:
+            quantize_model(model, quantize, kernels=kernels)
+        elif mode != quantize:
+            raise UsageError(f"the model was quantized to {mode} already; it cannot be prepared as {quantize}")
+    for module in model.modules():  # layers quantized before (load_quantized) compute with these kernels too
+        if isinstance(module, QUANTIZED):
+            module.kernels = kernels
     if cpu_kernels:
         install(model, kernels)
     model.eval()

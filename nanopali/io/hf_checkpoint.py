@@ -16,6 +16,7 @@ difference between the file and the model (missing, unexpected or mis-shaped ten
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -95,13 +96,66 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _layout(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header: key -> {"dtype", "shape", "data_offsets"}) of a safetensors file: the
+    format's 8-byte header length and JSON header, which safetensors checked when it opened the file. Only for Rows:
+    safetensors reads a whole tensor to give any slice of it."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+class Rows:
+    """One tensor of a checkpoint file, not yet read: `rows[a:b]` reads only those rows from the file (no memory
+    map), converted to `dtype`; `rows.read()` the whole tensor. What a `convert` function (load_state_dict) gets."""
+
+    def __init__(self, file: Path, fd: int, data_start: int, entry: dict, dtype: torch.dtype | None):
+        self.file, self._fd, self.dtype = file, fd, dtype
+        self._file_dtype = _DTYPES[entry["dtype"]]
+        self.shape = torch.Size(entry["shape"])
+        begin, end = entry["data_offsets"]
+        self._offset, self.nbytes = data_start + begin, end - begin           # nbytes: in the file
+        self._row_bytes = self.nbytes // self.shape[0] if self.shape.numel() and len(self.shape) else self.nbytes
+        self.device = torch.device("cpu")
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        n = (stop - start) * self._row_bytes
+        buf = torch.empty(n, dtype=torch.uint8)
+        got = os.preadv(self._fd, [buf.numpy()], self._offset + start * self._row_bytes) if n else 0
+        if got != n:
+            raise CheckpointError(f"{self.file}: cannot read safetensors file (a tensor ends past the end of the file); "
+                                  "is it truncated or corrupt?")
+        t = buf.view(self._file_dtype).view(stop - start, *self.shape[1:]) if len(self.shape) else buf.view(self._file_dtype)[0]
+        return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(self.shape[0])  # clipped to the tensor, as a tensor's slicing is
+        if step != 1:
+            raise ValueError("Rows reads runs of consecutive rows")
+        return self._rows(start, max(start, stop))
+
+    def read(self) -> torch.Tensor:
+        return self._rows(0, self.shape[0]) if len(self.shape) else self._rows(0, 1)
+
+
 def load_state_dict(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                    progress: bool = False) -> dict[str, torch.Tensor]:
+                    progress: bool = False, convert=None) -> dict[str, torch.Tensor]:
     """Read all tensors of a checkpoint directory under nanopali's names, one tensor at a time.
 
     Tensors are read from the memory-mapped files and converted to `dtype` one by one, so loading
     a bf16 checkpoint in bf16 never holds more than the weights (plus one tensor in flight).
     `device` and `dtype` are checked first (nanopali.devices): a bad one is a UsageError, never blamed on the file.
+
+    convert(name, rows: Rows) -> {name: tensor} | None, when given, is called for each tensor before it is read:
+    it may read it in pieces and return what to store instead (a quantized form), or None to store the tensor as
+    it is. The tensors are then read from the file (Rows), not mapped: a mapped page that was read stays in the process's
+    resident memory as long as any tensor of the file lives, so reading through the map to convert would hold
+    the whole float checkpoint next to its converted form (inference/quantize.py's `load_quantized`).
     """
     device = resolve_device(device)
     dtype = None if dtype is None else resolve_dtype(dtype)
@@ -111,15 +165,23 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | str | None = None, de
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading weights",
                disable=not progress, leave=False)
     for file in files:
-        with _open_safetensors(file, device) as f:
+        with _open_safetensors(file, device) as f, open(file, "rb") as raw:
+            data_start, header = _layout(file) if convert is not None else (0, {})
             for key in f.keys():
                 name = _name(key, file, state, origin)
                 if name is None:
                     continue
-                tensor = _read(file, lambda: f.get_tensor(key))
-                state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                if convert is None:
+                    tensor = _read(file, lambda: f.get_tensor(key))
+                    state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                    nbytes = tensor.numel() * tensor.element_size()
+                else:
+                    rows = Rows(file, raw.fileno(), data_start, header[key], dtype)
+                    converted = convert(name, rows)
+                    state.update({name: rows.read().to(device)} if converted is None else converted)
+                    nbytes = rows.nbytes
                 origin[name] = key
-                bar.update(tensor.numel() * tensor.element_size())
+                bar.update(nbytes)
     bar.close()
     return state
 
@@ -186,11 +248,18 @@ def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str,
         raise CheckpointError(f"checkpoint {where} does not fit the model:\n" + "\n".join(problems))
 
 
-def load_into(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
+def load_into(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device, progress: bool = False,
+              convert=None) -> None:
     """Assign a checkpoint directory's tensors to `model` (built on the meta device), checked strictly first: the
-    file tensors become the parameters, converted to `dtype` one at a time, with no second copy of the weights."""
-    state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+    file tensors become the parameters, converted to `dtype` one at a time, with no second copy of the weights.
+    `convert` (see load_state_dict) may replace modules of `model` as their tensors are read; the files' names and
+    shapes are then checked against the model before anything is read, from the headers."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if convert is not None:
+        check_state_dict(expected, {k: shape for k, (shape, _) in tensor_specs(path).items()}, str(path))
+    state = load_state_dict(path, dtype=dtype, device=device, progress=progress, convert=convert)
+    if convert is None:
+        check_state_dict(expected, state, str(path))
     model.load_state_dict(state, strict=True, assign=True)
 
 
