@@ -5,14 +5,18 @@
     python benchmarks/bench_generate.py --model /tmp/pg-tiny --new-tokens 4 --runs 1   # smoke check, seconds
     python benchmarks/bench_generate.py --model /tmp/pg3b --device cuda --new-tokens 64 --runs 3   # on a GPU
 
-Frameworks (--frameworks): nanopali (its default: the one-row decode products take inference/cpu_kernels.py's compiled
-loop or torch's kernels, whichever gave the faster decode steps in its first steps on this machine, and
-large elementwise ops are fused), nanopali-loop (the compiled loop forced, the default before the choice
+Frameworks (--frameworks): nanopali (its default: the one-row decode products take inference/native.py's
+hand-written kernels, inference/cpu_kernels.py's compiled loop or torch's kernels, whichever gave the fastest
+decode steps in its first steps on this machine, and large elementwise ops are fused), nanopali-native (the
+hand-written kernels forced), nanopali-loop (the compiled loop forced, the default before the choice
 was measured), nanopali-plain (fast=False: plain PyTorch, F.linear everywhere), nanopali-int8
 (quantize="int8"), nanopali-int4
 (quantize="int4": group-wise int4 decoder layers, int8 head), transformers. With --device cuda the
 default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_graph.py), nanopali-eager
-(cuda_graphs=False: the same step run eagerly) and transformers.
+(cuda_graphs=False: the same step run eagerly) and transformers. llamacpp (= llamacpp-bf16, llamacpp-q8_0,
+llamacpp-q4_0): llama.cpp on the checkpoint's language model converted to GGUF once (benchmarks/llamacpp.py;
+optional: pip install llama-cpp-python gguf), timed by its own counters on a prompt of the same length; it has
+no vision tower, so the table also gives every nanopali variant's prefill of that text-only prompt.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",
@@ -60,8 +64,9 @@ import torch
 PROMPT_TOKENS = 10  # random text ids between <bos> and "\n"
 NEWLINE = 108       # "\n" in the Gemma tokenizer
 QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
-FRAMEWORKS = ("nanopali", "nanopali-loop", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager",
-              "transformers")
+LLAMACPP = ("llamacpp-bf16", "llamacpp-q8_0", "llamacpp-q4_0")
+FRAMEWORKS = ("nanopali", "nanopali-native", "nanopali-loop", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager",
+              "transformers", *LLAMACPP)
 DEFAULT_FRAMEWORKS = {"cpu": ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers"),
                       "cuda": ("nanopali", "nanopali-eager", "transformers")}
 
@@ -117,6 +122,11 @@ class NanoPali:
     def step(self, state, tokens):
         return state, state.step(self.model, tokens)
 
+    def text_prefill(self, ids: torch.Tensor) -> None:
+        """The prefill of a prompt of text ids alone, no image: what llama.cpp is timed on."""
+        from nanopali.inference.decode import prefill
+        prefill(self.model, ids, runtime=self.runtime)
+
     def generate(self, inputs, new_tokens: int) -> torch.Tensor:
         from nanopali import generate
         return generate(self.model, **inputs, max_new_tokens=new_tokens, eos_token_id=[], runtime=self.runtime)
@@ -146,6 +156,13 @@ class Transformers:
         return out[:, inputs["input_ids"].shape[1]:]
 
 
+def text_ids(config, seed: int = 1) -> torch.Tensor:
+    """long (1, T): the prompt's length in random text ids (no <image>): llama.cpp's prompt, and nanopali's text-only one."""
+    g = torch.Generator().manual_seed(seed)
+    T = config.num_image_tokens + 2 + PROMPT_TOKENS
+    return torch.randint(3, min(256000, config.image_token_index, config.text_config.vocab_size), (1, T), generator=g)
+
+
 def timed(fn, *args):
     sync()
     start = time.perf_counter()
@@ -167,14 +184,52 @@ def other_load(before, after, wall_s: float) -> float:
     return max(0.0, other / (wall_s * os.cpu_count()))
 
 
+def llamacpp_worker(args) -> dict:
+    """llama.cpp on the GGUF of the checkpoint's language model (converted before, by the driver), the text prompt."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llamacpp
+
+    from nanopali import PaliGemmaConfig
+    kind = args.worker.split("-", 1)[1]
+    ids = text_ids(PaliGemmaConfig.from_pretrained(args.model))[0].tolist()
+    busy, n = [], args.new_tokens
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+
+    def log(run, prompt_s, decode_s, wall_s):
+        nonlocal cpu_start, wall_start
+        busy.append(other_load(cpu_start, cpu_seconds(), time.perf_counter() - wall_start))
+        cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+        print(f"[{args.worker}] run {run}{' (warm-up)' if run == 0 else ''}: prompt {prompt_s:.3f} s, decode {n} steps "
+              f"{decode_s:.3f} s (llama.cpp's counters), other processes {100 * busy[-1]:.0f}% of the CPUs",
+              file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    r = llamacpp.run(llamacpp.gguf_path(Path(args.model), kind), ids, n, args.runs, args.threads, log)
+    load_s = time.perf_counter() - start - sum(r["wall_s"])
+    timed_runs = slice(1, None)
+    prompt_ms, decode_ms = r["prompt_ms"][timed_runs], r["decode_ms"][timed_runs]
+    nan = float("nan")
+    return dict(
+        framework=args.worker, attention=r["attention"], threads=args.threads, load_s=load_s,
+        prefill_ms=nan, prefill_best_ms=nan, text_prefill_ms=statistics.median(prompt_ms),
+        decode_tok_s=n / (statistics.median(decode_ms) / 1000), decode_best_tok_s=n / (min(decode_ms) / 1000),
+        generate_s=statistics.median(r["wall_s"][timed_runs]), other_load_pct=100 * max(busy[timed_runs]),
+        rss_after_load_gib=nan, peak_rss_gib=peak_rss_gib(), ms_per_step=statistics.median(decode_ms) / n,
+        first_step_ms=nan, later_steps_tok_s=nan, gpu_after_load_gib=0.0, peak_gpu_gib=0.0, cuda_graph=False,
+        tokens=r["tokens"], one_row=None)
+
+
 @torch.no_grad()
 def worker(args) -> dict:
     from nanopali import PaliGemmaConfig
+    if args.worker.startswith("llamacpp"):
+        return llamacpp_worker(args)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(PaliGemmaConfig.from_pretrained(args.model), args.batch, dtype, device=args.device)
     make = {"nanopali": NanoPali, "nanopali-plain": lambda p, d, dev: NanoPali(p, d, dev, fast=False),
             "nanopali-loop": lambda p, d, dev: NanoPali(p, d, dev, one_row="loop"),
+            "nanopali-native": lambda p, d, dev: NanoPali(p, d, dev, one_row="native"),
             "nanopali-int8": lambda p, d, dev: NanoPali(p, d, dev, quantize="int8"),
             "nanopali-int4": lambda p, d, dev: NanoPali(p, d, dev, quantize="int4"),
             "nanopali-eager": lambda p, d, dev: NanoPali(p, d, dev, cuda_graphs=False),
@@ -182,8 +237,12 @@ def worker(args) -> dict:
     fw, load_s = timed(make, args.model, dtype, args.device)
     rss_after_load, gpu_after_load = peak_rss_gib(), peak_gpu_gib()
     n, prefill_s, decode_s, first_step_s, generate_s, busy = args.new_tokens, [], [], [], [], []
+    text = text_ids(PaliGemmaConfig.from_pretrained(args.model)).to(args.device)
+    text_prefill_s = []
     for run in range(args.runs + 1):
         cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+        if hasattr(fw, "text_prefill") and args.batch == 1:
+            text_prefill_s.append(timed(fw.text_prefill, text)[1])
         (logits, state), t = timed(fw.prefill, inputs, n)
         prefill_s.append(t)
         if run == 0 and args.logits_out:
@@ -211,6 +270,7 @@ def worker(args) -> dict:
     return dict(
         framework=args.worker, attention=fw.attention, threads=torch.get_num_threads(), load_s=load_s,
         prefill_ms=1000 * statistics.median(prefill_s[timed_runs]), prefill_best_ms=1000 * min(prefill_s[timed_runs]),
+        text_prefill_ms=1000 * statistics.median(text_prefill_s[timed_runs]) if text_prefill_s else float("nan"),
         decode_tok_s=args.batch * n / statistics.median(decode_s[timed_runs]),
         decode_best_tok_s=args.batch * n / min(decode_s[timed_runs]),
         generate_s=statistics.median(generate_s[timed_runs]), other_load_pct=100 * max(busy[timed_runs]),
@@ -231,7 +291,8 @@ def one_row_path(kernels) -> str:
     if kernels.forced:
         return f"{kernels.forced} (forced)"
     chooser = kernels.chooser
-    trials = ", ".join(f"{p} {1000 * statistics.median(t[1:]):.0f} ms" for p, t in chooser.times.items() if len(t) > 1)
+    trials = ", ".join(f"{p} {1000 * statistics.median(t[1:]):.0f} ms" for p, t in (chooser.times or {}).items()
+                       if len(t) > 1)
     return f"{chooser.choice or 'undecided'} (measured; trial steps, median: {trials})"
 
 
@@ -254,6 +315,27 @@ def quick_checkpoint(dtype: str) -> Path:
     config.save_pretrained(out)
     save_state_dict(random_state(config, getattr(torch, dtype)), out)
     return out
+
+
+def median_results(runs: list[dict]) -> dict:
+    """One result from several rounds: the median of every number, the first round's value of anything else."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def gguf_files(model: Path, kinds: list[str], threads: int) -> dict[str, int]:
+    """Convert the language model to GGUF once (benchmarks/llamacpp.py, in a subprocess: the driver stays small) and
+    return the bytes one decode step reads for each kind."""
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import llamacpp; "
+            f"llamacpp.ensure_gguf({str(model)!r}, {kinds!r}, {threads})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    sys.path.insert(0, str(here))
+    import llamacpp
+    return {kind: llamacpp.weight_bytes(llamacpp.gguf_path(model, kind)) for kind in kinds}
 
 
 def run_worker(framework: str, args, logits_dir: Path) -> dict:
@@ -320,7 +402,7 @@ def model_costs(path: Path, dtype: str) -> dict:
     head = model.decoder.embed_tokens.weight.numel()
     # int8: 1 byte per weight (+ tiny scales); int4: half a byte per layer weight (+ 4 bytes per 128), int8 head
     return dict(decode_bytes={"bf16": decoder * itemsize, "int8": decoder, "int4": layers // 2 + layers // 32 + head},
-                prefill_flop=2 * (layers * T + vision * config.num_image_tokens))
+                prefill_flop=2 * (layers * T + vision * config.num_image_tokens), text_prefill_flop=2 * layers * T)
 
 
 def report(results: dict[str, dict], weight_gib: float, args) -> str:
@@ -328,9 +410,10 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
         ("load (s)", "load_s", "{:.1f}"),
         ("prefill latency (ms), median", "prefill_ms", "{:.0f}"),
         ("prefill latency (ms), best", "prefill_best_ms", "{:.0f}"),
+        (f"prefill, text only (ms), median", "text_prefill_ms", "{:.0f}"),
         (f"decode tokens/s (batch {args.batch}), median", "decode_tok_s", "{:.2f}"),
         (f"decode tokens/s (batch {args.batch}), best", "decode_best_tok_s", "{:.2f}"),
-        (f"generate {args.new_tokens} tokens (s)", "generate_s", "{:.2f}"),
+        (f"generate {args.new_tokens} tokens (s)", "generate_s", "{:.2f}"),  # llama.cpp: its prefill + steps
         ("peak RSS after load (GiB)", "rss_after_load_gib", "{:.2f}"),
         ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"),
         ("peak RSS / weight bytes", "rss_per_weight", "{:.2f}"),
@@ -367,6 +450,16 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
     return "\n".join(lines)
 
 
+LLAMACPP_RIVAL = {"bf16": "llamacpp-bf16", "int8": "llamacpp-q8_0", "int4": "llamacpp-q4_0"}  # one class each
+
+
+def precision(name: str) -> str:
+    """The weights' kind of a framework: bf16 (or the run's float dtype), int8, int4, or llama.cpp's q8_0 / q4_0."""
+    if name.startswith("llamacpp"):
+        return name.split("-", 1)[1]
+    return name.rsplit("-", 1)[1] if name.endswith(("int8", "int4")) else "bf16"
+
+
 def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Path, args) -> str:
     """Ratios against transformers, the bandwidth bound, prefill GFLOP/s and agreement with nanopali bf16."""
     bw, gpu = machine["bandwidth_gbs"], args.device == "cuda"
@@ -376,16 +469,19 @@ def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Pa
                  f"{machine['sum_read_gbs']:.0f}; copy, read + written: {machine['copy_gbs']:.0f}), bf16 matmul "
                  f"{machine['matmul_gflops']:.0f} GFLOP/s"]
     for name, r in results.items():
-        kind = name.rsplit("-", 1)[1] if name.endswith(("int8", "int4")) else "bf16"
+        kind = precision(name)
         bound = args.batch * bw * 1e9 / costs["decode_bytes"][kind]
-        gflops = costs["prefill_flop"] * args.batch / (r["prefill_ms"] / 1000) / 1e9
+        if name.startswith("llamacpp"):  # its prompt is the text-only one: the decoder's FLOPs alone
+            gflops = costs["text_prefill_flop"] / (r["text_prefill_ms"] / 1000) / 1e9
+        else:
+            gflops = costs["prefill_flop"] * args.batch / (r["prefill_ms"] / 1000) / 1e9
         line = (f"{name:15s} decode {r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_tok_s'] / bound:3.0f}% of the "
                 f"{kind} bound {bound:5.2f} ({costs['decode_bytes'][kind] / 1e9:.2f} GB/token); prefill "
                 f"{gflops:4.0f} GFLOP/s = {100 * gflops / machine['matmul_gflops']:3.0f}% of the matmul peak")
         if gpu:
             line += (f"; {r['ms_per_step']:.2f} ms/step; after step 1 {r['later_steps_tok_s']:.2f} tok/s = "
                      f"{100 * r['later_steps_tok_s'] / bound:3.0f}% of the bound")
-        if "transformers" in results and name != "transformers":
+        if "transformers" in results and name != "transformers" and not name.startswith("llamacpp"):
             tf = results["transformers"]
             line += (f"; vs transformers: decode {r['decode_tok_s'] / tf['decode_tok_s']:.2f}x, "
                      f"prefill latency {r['prefill_ms'] / tf['prefill_ms']:.2f}x, "
@@ -393,9 +489,15 @@ def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Pa
             if gpu:
                 line += (f", after step 1 {r['later_steps_tok_s'] / tf['later_steps_tok_s']:.2f}x, "
                          f"peak GPU memory {r['peak_gpu_gib'] / tf['peak_gpu_gib']:.2f}x")
+        rival = LLAMACPP_RIVAL.get(kind)
+        if name.startswith("nanopali") and rival in results:
+            ll = results[rival]
+            line += (f"; vs {rival}: decode {r['decode_tok_s'] / ll['decode_tok_s']:.2f}x, "
+                     f"text-only prefill latency {r['text_prefill_ms'] / ll['text_prefill_ms']:.2f}x")
         lines.append(line)
-    ref_name = "nanopali" if "nanopali" in results else next(iter(results))
-    ref_logits = torch.load(logits_dir / f"{ref_name}.pt")
+    results = {n: r for n, r in results.items() if not n.startswith("llamacpp")}  # no image, other logits
+    ref_name = "nanopali" if "nanopali" in results else next(iter(results), None)
+    ref_logits = torch.load(logits_dir / f"{ref_name}.pt") if ref_name else None
     for name, r in results.items():
         if name == ref_name:
             continue
@@ -419,6 +521,8 @@ def main(argv=None) -> None:
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: "
                    f"{','.join(DEFAULT_FRAMEWORKS['cpu'])}; on cuda {','.join(DEFAULT_FRAMEWORKS['cuda'])})")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both frameworks run")
+    p.add_argument("--rounds", type=int, default=1, help="run every framework this many times in turn (fresh "
+                   "processes) and report medians over the rounds: contention that drifts hits all of them")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", type=Path, help="also write the results to this file")
@@ -431,15 +535,16 @@ def main(argv=None) -> None:
     args.runs, args.new_tokens = args.runs or 3, args.new_tokens or 16
     if not args.model:
         p.error("--model DIR or --quick is required")
-    if args.new_tokens < 1 or args.runs < 1 or args.batch < 1 or args.threads < 1:
-        p.error("--new-tokens, --runs, --batch and --threads must be >= 1")
+    if min(args.new_tokens, args.runs, args.batch, args.threads, args.rounds) < 1:
+        p.error("--new-tokens, --runs, --batch, --threads and --rounds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no GPU here")
     args.frameworks = args.frameworks or ",".join(DEFAULT_FRAMEWORKS[args.device])
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    frameworks = [g for f in args.frameworks.split(",") if f.strip()
+                  for g in (LLAMACPP if f.strip() == "llamacpp" else [f.strip()])]
     unknown = set(frameworks) - set(FRAMEWORKS)
     if unknown or not frameworks:
         p.error(f"--frameworks takes a comma-separated subset of {','.join(FRAMEWORKS)}, got {args.frameworks!r}")
@@ -449,14 +554,25 @@ def main(argv=None) -> None:
     except CheckpointError as e:
         p.error(str(e))
     costs = model_costs(Path(args.model), args.dtype)
+    llama = [f for f in frameworks if f.startswith("llamacpp")]
+    if llama:
+        if args.batch != 1 or args.device != "cpu":
+            p.error("llamacpp is timed at batch 1 on the CPU")
+        costs["decode_bytes"].update(gguf_files(Path(args.model), [f.split("-", 1)[1] for f in llama], args.threads))
     with tempfile.TemporaryDirectory() as logits_dir:
-        results = {f: run_worker(f, args, Path(logits_dir)) for f in frameworks}
-        failed = [f for f, r in results.items() if r is None]
-        results = {f: r for f, r in results.items() if r is not None}
+        rounds, machines = [], []
+        for _ in range(args.rounds):  # every framework once per round: a slower spell of the machine hits all
+            rounds.append({f: run_worker(f, args, Path(logits_dir)) for f in frameworks})
+            # after the workers: Linux carries a parent's peak RSS into its children's ru_maxrss
+            machines.append(measure_gpu() if args.device == "cuda" else measure_machine(args.threads))
+        failed = [f for f in frameworks if any(r[f] is None for r in rounds)]
+        results = {f: median_results([r[f] for r in rounds]) for f in frameworks if f not in failed}
         if not results:
             raise SystemExit(f"every worker failed: {', '.join(failed)}")
-        # after the workers: Linux carries a parent's peak RSS into its children's ru_maxrss
-        machine = measure_gpu() if args.device == "cuda" else measure_machine(args.threads)
+        machine = median_results(machines)
+        if args.rounds > 1:
+            print(f"{args.rounds} rounds; medians over them. Memory read per round (GB/s): "
+                  + ", ".join(f"{m['bandwidth_gbs']:.1f}" for m in machines))
         print(report(results, weight_gib, args))
         print(summary(results, machine, costs, Path(logits_dir), args))
     if failed:

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from hf_reference import batch, hf_config, hf_model
 
 from nanopali import PaliGemma, Runtime, prepare
-from nanopali.inference import cpu_kernels
+from nanopali.inference import cpu_kernels, native
 from nanopali.inference.cpu_kernels import CpuKernels, StepChooser, install
 from nanopali.inference.decode import prefill
 from nanopali.nn.mlp import gelu_tanh
 
 
-@pytest.mark.parametrize("path", ["loop", "library"])
+@pytest.mark.parametrize("path", ["native", "loop", "library"])
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_row_paths_equal_f_linear(shape, dtype, path):
@@ -32,7 +32,7 @@ def test_one_row_paths_equal_f_linear(shape, dtype, path):
     torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3)
 
 
-@pytest.mark.parametrize("path", ["loop", "library", None])  # None: measured
+@pytest.mark.parametrize("path", ["native", "loop", "library", None])  # None: measured
 def test_int8_paths_equal_the_dequantized_product(path):
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (40, 8192), generator=g, dtype=torch.int8)
@@ -87,49 +87,82 @@ def test_kernel_does_not_apply_to_training_prefill_or_fp32():
 
 
 def test_step_chooser_keeps_the_faster_path():
-    """A StepChooser runs its first steps alternately under each one-row path (TRIALS timed steps each after
-    an untimed first), keeps the one whose steps were faster, then runs every step under it."""
+    """A StepChooser runs its first steps under each one-row path in turn (TRIALS timed steps each after an untimed
+    first), keeps the one whose steps were fastest, then runs every step under it."""
     w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
-    for slow_path in ("loop", "library"):
+    assert native.available(), "the hand-written kernels did not build here"
+    for fast_path in cpu_kernels.PATHS:
         seen, kernels = [], CpuKernels()
 
         def step():
             seen.append(kernels.path)
-            time.sleep(0.02 if kernels.path == slow_path else 0)
+            time.sleep(0 if kernels.path == fast_path else 0.05)
             with torch.no_grad():
-                return kernels.linear(x, w)                 # either path gives F.linear's product
+                return kernels.linear(x, w)                 # every path gives F.linear's product
         chooser = StepChooser()
-        for _ in range(2 * (cpu_kernels.TRIALS + 1)):
+        for _ in range(3 * (cpu_kernels.TRIALS + 1)):
             torch.testing.assert_close(chooser.run(step, kernels), F.linear(x, w), rtol=2 ** -7, atol=1e-3)
-        assert seen == ["loop", "library"] * (cpu_kernels.TRIALS + 1)
-        faster = "library" if slow_path == "loop" else "loop"
-        assert chooser.choice == faster
+        assert seen == list(cpu_kernels.PATHS) * (cpu_kernels.TRIALS + 1)
+        assert chooser.choice == fast_path
         seen.clear()
         chooser.run(step, kernels), chooser.run(step, kernels)
-        assert seen == [faster, faster] and kernels.path == "library"  # the default again outside run()
+        assert seen == [fast_path, fast_path] and kernels.path == "library"  # the default again outside run()
     seen = []
     small = StepChooser(measure=False)                  # a small model: the library path, never timed
     small.run(step, kernels), small.run(step, kernels)
-    assert seen == ["library", "library"] and small.times == {"loop": [], "library": []}
+    assert seen == ["library", "library"] and small.times is None
 
 
-def test_a_loop_that_cannot_compile_falls_back_to_the_library(monkeypatch):
+def test_paths_that_cannot_be_built_are_left_out(monkeypatch):
+    """No C++ compiler: the loop warns once when its trial step fails to compile, native.py's kernels are not offered,
+    and the steps go on on torch's kernels with the same results."""
     def no_compiler(fn, **kwargs):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
         return fail
 
     monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(native, "_library", lambda: None)
     w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
     kernels = CpuKernels()
     chooser = kernels.chooser
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiling a kernel failed"):
         got = kernels.run_step(lambda: kernels.linear(x, w))     # the loop's trial step
-    assert kernels.broken and torch.equal(got, F.linear(x, w))
+    assert kernels.broken and torch.equal(got, F.linear(x, w)) and list(chooser.times) == ["library"]
+    with torch.no_grad():
+        for _ in range(cpu_kernels.TRIALS + 1):
+            kernels.run_step(lambda: kernels.linear(x, w))
     assert chooser.choice == "library"
     with torch.no_grad(), kernels.using("loop"):
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    with torch.no_grad(), kernels.using("native"):
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
     assert not CpuKernels().broken, "one model's failed compile leaves other models' kernels alone"
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_by_int8_product_is_within_its_rounding_bound(rows):
+    """native.py's W8A8 product: x rounded to int8 in blocks of 32 (scale max|x| / 127), exact integer products, the
+    block and row scales in fp32. Its error against the product of the unrounded x is at most half a step of each
+    block's x scale times the |weights| of the block, summed, times the row scale (and fp32 rounding)."""
+    g = torch.Generator().manual_seed(rows)
+    N, K = 70, 4096 + 96                                     # the vector loop and its tail
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    x = torch.randn(rows, K, generator=g) * torch.logspace(-2, 1, K // 32).repeat_interleave(32)  # blocks of all sizes
+    got = native.gemv(x.bfloat16(), w, scale)
+    xb = x.bfloat16().double()
+    want = (xb @ w.double().T) * scale.double()
+    step = xb.view(rows, K // 32, 32).abs().amax(-1) / 127                                     # (rows, K/32)
+    bound = (step / 2) @ w.double().abs().view(N, K // 32, 32).sum(-1).T * scale.double()     # (rows, N)
+    assert got.shape == (rows, N) and ((got.double() - want).abs() <= bound + 1e-5 * want.abs().max()).all()
+    # x already on the int8 grid (integers, every block holding a ±127: scale 1): the integer products are exact
+    xi = torch.randint(-127, 128, (rows, K), generator=g).float()
+    xi[:, ::32] = 127 * torch.sign(torch.randn(rows, K // 32, generator=g))
+    got = native.gemv(xi, w, scale).double()
+    want = (xi.double() @ w.double().T) * scale.double()
+    sizes = (xi.double().abs() @ w.double().abs().T) * scale.double()
+    assert ((got - want).abs() <= 2 ** -23 * (K // 32) * sizes).all()  # fp32 sums of K / 32 exact block sums
 
 
 @pytest.fixture(scope="module", params=[1, 2])
@@ -149,7 +182,7 @@ def decode_logits(model, inputs, steps=4, runtime=None):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("path", ["loop", "library", None])  # None: measured
+@pytest.mark.parametrize("path", ["native", "loop", "library", None])  # None: measured
 def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
     model, cfg = bf16_model
     inputs = {k: v for k, v in batch(cfg).items()}
@@ -164,8 +197,8 @@ def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
         assert not calls, "the one-row path ran in a model without the kernels"
         quick = decode_logits(fast_model, inputs, runtime=Runtime(kernels))
     assert calls, "the decode step never took the one-row path"
-    trial_steps = [len(t) for t in kernels.chooser.times.values()]
-    assert trial_steps == ([2, 2] if path is None else [0, 0]), trial_steps  # 4 steps timed, unless forced
+    times = kernels.chooser.times
+    assert ([len(t) for t in times.values()] == [2, 1, 1]) if path is None else times is None, times  # 4 steps timed
     assert (cfg.text_config.vocab_size, cfg.text_config.hidden_size) in calls, "the tied output head took F.linear"
     # Same math, different summation order and one rounding of each product in bf16: compare
     # against the logits' scale, and the greedy choices must agree.

@@ -5,10 +5,11 @@
     kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps)
     install(model, kernels)                     # swap the decoder's and vision MLPs' modules for Fast* ones
 
-A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Two
-one-row paths exist, "loop" (inductor's compiled (x · w).sum(-1): one vectorised pass over each weight
-row) and "library" (torch's F.linear / int8pack kernel); which is faster depends on the processor, so a
-StepChooser times whole decode steps under each and keeps the faster. Large inference tensors get gelu,
+A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Three
+one-row paths exist, "native" (native.py's hand-written bf16 and int8-by-int8 products, compiled for this
+processor), "loop" (inductor's compiled (x · w).sum(-1): one vectorised pass over each weight row) and
+"library" (torch's F.linear / int8pack kernel); which is fastest depends on the processor, so a
+StepChooser times whole decode steps under each and keeps the fastest. Large inference tensors get gelu,
 GeGLU and RMSNorm as one compiled fp32 pass. Autograd, small tensors and `CpuKernels(enabled=False)`
 take the plain ops. A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanopali.inference import native
 from nanopali.models.gemma import TiedEmbedding
 from nanopali.models.paligemma import PaliGemma
 from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
@@ -39,7 +41,7 @@ MEASURE_MIN_PARAMS = 50_000_000  # smaller decoders take the library path withou
 INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpacking + F.linear
 SCRATCH_MAX = 1 << 26    # elements: larger dequantized weights (a vocabulary head) get a fresh tensor
 HALF = (torch.bfloat16, torch.float16)
-PATHS = ("loop", "library")
+PATHS = ("native", "loop", "library")
 
 
 def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -122,28 +124,31 @@ def _inference_cpu(x: torch.Tensor) -> bool:
 
 class StepChooser:
     """Picks the one-row path by timing whole decode steps: `run(step, kernels)` calls step() under a path;
-    the first 2 * (TRIALS + 1) calls alternate between the paths (the loop first; each path's first call
-    compiles and is not counted), later ones take the faster median. `measure=False` takes the library
+    the first calls take the paths in turn (native, loop, library; "native" only where native.py's kernels
+    build, "loop" dropped if it cannot compile), TRIALS + 1 each (each path's first call compiles and is not
+    counted); later ones take the path of the fastest median. `measure=False` takes the library
     path from the start (a small model is not bound by its weights' bandwidth, and compiling costs seconds)."""
 
     def __init__(self, measure: bool = True):
         self.measure = measure
-        self.times: dict[str, list[float]] = {p: [] for p in PATHS}
+        self.times: dict[str, list[float]] | None = None  # per path; the paths are known at the first step
         self.choice: str | None = None if measure else "library"
 
     def run(self, step, kernels: "CpuKernels"):
         if kernels.forced or self.choice:
             with kernels.using(kernels.forced or self.choice):
                 return step()
-        path = min(PATHS, key=lambda p: len(self.times[p]))
+        if self.times is None:  # the hand-written kernels only where they build (native.py)
+            self.times = {p: [] for p in PATHS if p != "native" or native.available()}
+        path = min(self.times, key=lambda p: len(self.times[p]))
         start = time.perf_counter()
         with kernels.using(path):
             out = step()
         self.times[path].append(time.perf_counter() - start)
         if kernels.broken:                                                    # the loop could not be compiled
-            self.choice = "library"
-        elif all(len(t) > TRIALS for t in self.times.values()):
-            self.choice = min(PATHS, key=lambda p: statistics.median(self.times[p][1:]))
+            self.times.pop("loop", None)
+        if all(len(t) > TRIALS for t in self.times.values()):
+            self.choice = min(self.times, key=lambda p: statistics.median(self.times[p][1:]))
         return out
 
 
@@ -158,7 +163,7 @@ class CpuKernels:
 
     def __init__(self, enabled: bool = True, measure: bool = True, force: str | None = None):
         if force not in (*PATHS, None):
-            raise ValueError(f"force must be 'loop', 'library' or None, not {force!r}")
+            raise ValueError(f"force must be one of {PATHS} or None, not {force!r}")
         self.enabled, self.forced = enabled, force
         self.chooser = StepChooser(measure)
         self.path = "library"        # the one-row path in force outside a timed step
@@ -218,6 +223,10 @@ class CpuKernels:
         return plain_linear(x, weight, scale)
 
     def _one_row(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if (self.forced or self.path) == "native":
+            y = native.gemv(x, weight.detach(), scale)
+            if y is not None:
+                return y.to(x.dtype)
         if (self.forced or self.path) == "loop" and weight.shape[-1] <= MAX_K:
             y = self._run(_matvec, x.float(), weight.detach(), scale, x.dtype)  # detach: one compile for both
             if y is not None:
@@ -234,7 +243,8 @@ class CpuKernels:
         if (weight.dtype == torch.int8 and self.enabled and _inference_cpu(x) and x.dtype in HALF + (torch.float32,)
                 and hasattr(torch, "_weight_int8pack_mm")):
             if rows <= MAX_ROWS:
-                return self._library(x.reshape(rows, K), weight, scale).view(*lead, N)
+                y = native.gemv(x.reshape(rows, K), weight, scale) if (self.forced or self.path) == "native" else None
+                return (self._library(x.reshape(rows, K), weight, scale) if y is None else y.to(x.dtype)).view(*lead, N)
             w = self._run(_dequantize, weight, scale, self.scratch(tuple(weight.shape), x.dtype))
             if w is not None:
                 return F.linear(x, w)

@@ -1,0 +1,209 @@
+"""Hand-written one-row products for decoding on the CPU, compiled for this processor at first use.
+
+    y = native.gemv(x, weight, scale=None)   # x (1, K) @ weight (N, K)ᵀ [· scale (N,)] -> fp32 (1, N), or None
+
+A decode step reads every weight once for one row of activations, so it runs at the speed weights stream
+from memory. Two products are written here, in C++ with the processor's vector instructions, as llama.cpp
+does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
+- bf16 weights · bf16 x: dot products of bf16 pairs accumulated in fp32 (AVX-512 BF16 `vdpbf16ps`; elsewhere
+  bf16 widened to fp32 and fused multiply-adds).
+- int8 weights · int8 x ("W8A8", llama.cpp's q8_0 way): x is quantized on the fly in blocks of 32 (one scale
+  each: max|x| / 127), int8 products summed in int32 per block (AVX-512 VNNI `vpdpbusd` on |x| and the weight
+  with x's sign; elsewhere 16-bit products), scaled per block in fp32, then by the weight's row scale.
+Rows are split between torch's OpenMP threads (the library links the libgomp torch loaded). It builds once per
+source, compiler and processor into ~/.cache/nanopali (or $NANOPALI_CACHE) with the C++ compiler torch's
+inductor uses (`cpp_kernels.py`'s loop needs one too) and `-march=native`; if that fails, `available()` is False,
+a warning says why once, and the callers take torch's kernels. Which path a model's decode steps take is measured
+(cpu_kernels.StepChooser).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+BLOCK = 32  # activations per int8 scale (llama.cpp's q8_0 block)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* y[n] = sum_k x[k] w[n, k], bf16 inputs, fp32 accumulation; 4 weight rows at a time share each load of x;
+   rows split between threads. */
+extern "C" void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, long N, long K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n0 = 0; n0 < N; n0 += 4) {
+        long rows = N - n0 < 4 ? N - n0 : 4, k = 0;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__AVX512BF16__)
+        if (rows == 4) {
+            const uint16_t *r0 = w + n0 * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            for (; k + 32 <= K; k += 32) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + k), xv);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + k), xv);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r2 + k), xv);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r3 + k), xv);
+            }
+            acc[0] = _mm512_reduce_add_ps(a0); acc[1] = _mm512_reduce_add_ps(a1);
+            acc[2] = _mm512_reduce_add_ps(a2); acc[3] = _mm512_reduce_add_ps(a3);
+        }
+#endif
+        for (long r = 0; r < rows; r++) {
+            const uint16_t *row = w + (n0 + r) * K;
+            float a = acc[r];
+#pragma omp simd reduction(+:a)
+            for (long j = k; j < K; j++) a += bf16_to_float(row[j]) * bf16_to_float(x[j]);
+            y[n0 + r] = a;
+        }
+    }
+}
+
+/* x (K,) fp32 -> int8 q (K,) and one scale per block of 32 (max|x| / 127), spread per 4-byte lane: lane_scale[K / 4]. */
+static void quantize_x(const float *x, int8_t *q, float *lane_scale, long K) {
+    for (long b = 0; b < K; b += 32) {
+        float m = 0.0f;
+        for (long j = b; j < b + 32; j++) m = fmaxf(m, fabsf(x[j]));
+        float s = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+        for (long j = b; j < b + 32; j++) q[j] = (int8_t)lrintf(x[j] * inv);
+        for (long j = b / 4; j < (b + 32) / 4; j++) lane_scale[j] = s;
+    }
+}
+
+/* acc[r] = sum_b xscale_b * sum_{k in b} q_x[k] w[r][k] for `rows` (1..4) weight rows, which share each load of x
+   (K % 32 == 0). */
+static inline void dot_w8a8(const int8_t *const *w, long rows, const int8_t *xq, const float *lane_scale, long K,
+                            float *acc) {
+    long k = 0;
+    for (long r = 0; r < rows; r++) acc[r] = 0.0f;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (rows == 4) {
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (; k + 64 <= K; k += 64) {
+            __m512i xv = _mm512_loadu_si512(xq + k);
+            __mmask64 neg = _mm512_movepi8_mask(xv);                          /* x < 0 */
+            __m512i ax = _mm512_abs_epi8(xv);                                 /* |x| as u8 */
+            __m512 ls = _mm512_loadu_ps(lane_scale + k / 4);
+            for (int r = 0; r < 4; r++) {
+                __m512i wv = _mm512_loadu_si512(w[r] + k);
+                __m512i sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);   /* w with x's sign */
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sw);         /* 16 sums of 4 products */
+                a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls, a[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_reduce_add_ps(a[r]);
+    }
+#endif
+    for (long r = 0; r < rows; r++)
+        for (long b = k; b < K; b += 32) {
+            int32_t s = 0;
+#pragma omp simd reduction(+:s)
+            for (long j = b; j < b + 32; j++) s += (int32_t)w[r][j] * (int32_t)xq[j];
+            acc[r] += (float)s * lane_scale[b / 4];
+        }
+}
+
+/* y[m, n] = wscale[n] * sum_b xscale_{m,b} * sum_{k in b} q_x[m, k] w[n, k] for M rows of x (M, K) fp32, quantized
+   here into xq (M, K) and lane_scale (M, K / 4); each weight row is read once for all M rows. */
+extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, float *y, long M, long N, long K,
+                          int8_t *xq, float *lane_scale, int threads) {
+    for (long m = 0; m < M; m++) quantize_x(x + m * K, xq + m * K, lane_scale + m * (K / 4), K);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n0 = 0; n0 < N; n0 += 4) {
+        long rows = N - n0 < 4 ? N - n0 : 4;
+        const int8_t *rp[4];
+        float acc[4];
+        for (long r = 0; r < rows; r++) rp[r] = w + (n0 + r) * K;
+        for (long m = 0; m < M; m++) {
+            dot_w8a8(rp, rows, xq + m * K, lane_scale + m * (K / 4), K, acc);
+            for (long r = 0; r < rows; r++) y[m * N + n0 + r] = acc[r] * wscale[n0 + r];
+        }
+    }
+}
+"""
+
+
+def _compiler() -> str:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        return get_cpp_compiler()
+    except Exception:  # a torch without it: the usual name
+        return os.environ.get("CXX", "g++")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NANOPALI_CACHE", Path.home() / ".cache" / "nanopali"))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Build (once per source, compiler and processor) and load the kernels; None, with a warning, if that fails."""
+    compiler = _compiler()
+    cpu = Path("/proc/cpuinfo").read_text().split("\nflags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
+    key = hashlib.sha256("\0".join([SOURCE, compiler, cpu, torch.__version__]).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"native-{key}.so"
+    try:
+        if not lib.is_file():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            src, tmp = lib.with_suffix(".cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
+            src.write_text(SOURCE)
+            subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)],
+                           check=True, capture_output=True, text=True)
+            tmp.rename(lib)
+        dll = ctypes.CDLL(str(lib))  # its libgomp.so.1 is the one torch loaded: one OpenMP thread pool
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"nanopali.inference.native: building the CPU kernels with {compiler} failed ({detail.strip()[:300]}); "
+                      "using torch's kernels", RuntimeWarning, stacklevel=3)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    dll.gemv_bf16.argtypes = [p, p, p, i64, i64, i32]
+    dll.gemv_w8a8.argtypes = [p, p, p, p, i64, i64, i64, p, p, i32]
+    return dll
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv(x, weight) has a kernel here: x (M, K) with one row for bf16 weights (bf16 x), any M for int8
+    weights (bf16 or fp32 x) with K % 32 == 0; contiguous CPU weights."""
+    K = weight.shape[-1]
+    if x.numel() % K or not weight.is_contiguous() or weight.device.type != "cpu":
+        return False
+    return ((weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.numel() == K)
+            or (weight.dtype == torch.int8 and K % BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float32)))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (M, K) · weight (N, K)ᵀ [· scale (N,)] -> fp32 (M, N); None when no kernel takes it (see `takes`)."""
+    lib = _library()
+    if lib is None or not takes(x, weight):
+        return None
+    N, K = weight.shape
+    M = x.numel() // K
+    y = torch.empty(M, N, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if weight.dtype == torch.bfloat16:
+        x = x.contiguous()
+        lib.gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), N, K, threads)
+    else:
+        xf = x.float().contiguous()
+        scratch = torch.empty(2 * M * K, dtype=torch.uint8)  # int8 x (M, K), then its lane scales (fp32 (M, K / 4))
+        s = scale.float().contiguous()
+        lib.gemv_w8a8(xf.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(), M, N, K, scratch.data_ptr(),
+                      scratch.data_ptr() + M * K, threads)
+    return y
