@@ -41,7 +41,7 @@ def prepare(model: PaliGemma, quantize: str | None = None, cpu_kernels: bool = T
     quantize="int8" | "int4": the decoder's weights (quantize.py); a model that `quantize.load_quantized` read in that
     mode is taken as it is. cpu_kernels=False keeps torch's plain ops and cuda_graphs=False an eager decode step:
     together, the debugging switch (`--no-fast`).
-    force_path="loop" | "library": the one-row product path, instead of timing both (cpu_kernels.py).
+    force_path="native" | "loop" | "library": the one-row product path, instead of timing them (cpu_kernels.py).
     """
     with torch.device("meta"):  # the float decoder's size, whether or not this one is quantized already
         decoder_params = sum(p.numel() for p in GemmaDecoder(model.config.text_config).parameters())
