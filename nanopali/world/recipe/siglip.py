@@ -224,7 +224,7 @@ STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": 
 MINI_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64,
                    patch_size=16)
 MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2)
-COMPARE = dict(batch_sizes=(32, 128, 512), examples=64_000, scenes=20000, lr=1e-3)
+COMPARE = dict(batch_sizes=(32, 128, 512), examples=32_000, scenes=20000, lr=1e-3)
 
 
 def compare(work: Path) -> dict:
@@ -245,7 +245,8 @@ def compare(work: Path) -> dict:
                 continue
             steps = COMPARE["examples"] // batch
             config = TrainConfig(model=str(init), out=str(work / f"mini-{name}"), resume=True, objective=objective,
-                                 steps=steps, batch_size=batch, lr=COMPARE["lr"], warmup_steps=max(1, steps // 10),
+                                 steps=steps, batch_size=batch, lr=COMPARE["lr"], lr_scale={"logit_*": 10.0},
+                                 warmup_steps=max(1, steps // 10),
                                  min_lr_ratio=0.05, weight_decay=1e-4, log_every=10, seed=2)
             start = time.perf_counter()
             final = fit(config, train_data=WorldPairs(data))
