@@ -1,4 +1,5 @@
-"""The shipped contrastive model's recipe: a small SigLIP trained from scratch on the toy world's image-text pairs.
+"""The shipped contrastive model's recipe: a small SigLIP trained on the toy world's image-text pairs (LiT: a new text
+tower on the default PaliGemma's locked vision tower), and the from-scratch SigLIP and sigmoid-vs-softmax runs.
 
     python scripts/make_default_siglip.py --work runs/siglip      # data, init, train, ship (each resumable)
 
@@ -180,8 +181,8 @@ def model_card(model: SigLIP, source: Path, metrics: dict, times: dict) -> str:
     hours = times.get("train", 0) / 3600  # the LiT stage
     return f"""# nanopali's default SigLIP (toy shapes world)
 
-A small contrastive SigLIP ({parameters / 1e6:.1f} M parameters, bf16) that nanopali trained from scratch on its
-generated shapes world (nanopali/world/). `nanopali.load_contrastive()` and `nanopali classify` / `nanopali search`
+A small contrastive SigLIP ({parameters / 1e6:.1f} M parameters, bf16) that nanopali trained on its generated
+shapes world (nanopali/world/): a text tower learnt from scratch against the default PaliGemma's locked vision tower. `nanopali.load_contrastive()` and `nanopali classify` / `nanopali search`
 without `--model` use it. It knows only that world: 128 x 128 images of 1-4 flat shapes in 8 colours, sometimes
 with a word. On photos its answers are meaningless.
 
