@@ -163,8 +163,25 @@ class TextConfig:
         return None
 
 
+class ConfigFile:
+    """config.json in and out, for a config class with from_hf_dict / to_hf_dict (PaliGemma's, SigLIP's)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        """The config.json of a checkpoint directory (or a config file's own path)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
+        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
 @dataclass
-class PaliGemmaConfig:
+class PaliGemmaConfig(ConfigFile):
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_index: int = 257152
@@ -259,18 +276,6 @@ class PaliGemmaConfig:
             "vision_config": vision, "text_config": text,
         }
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "PaliGemmaConfig":
-        """The config.json of a checkpoint directory (or a config file's own path)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
-        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
 def warn_unknown(d: dict, source: str, section: str, known: set[str] = frozenset()) -> None:

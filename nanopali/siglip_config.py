@@ -13,13 +13,12 @@ labels). nanopali writes it for the models it trains; transformers keeps it as a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
-from nanopali.config import VisionConfig, check_activation, check_fields, is_int, pick, vision_from_hf, warn_unknown
-from nanopali.errors import ConfigError, MissingFileError
-from nanopali.json_files import json_kind, read_json
+from nanopali.config import (ConfigFile, VisionConfig, check_activation, check_fields, is_int, pick, vision_from_hf,
+                             warn_unknown)
+from nanopali.errors import ConfigError
+from nanopali.json_files import json_kind
 
 OBJECTIVES = ("siglip", "clip")
 
@@ -65,7 +64,7 @@ class SiglipTextConfig:
 
 
 @dataclass
-class SigLIPConfig:
+class SigLIPConfig(ConfigFile):
     text_config: SiglipTextConfig = field(default_factory=SiglipTextConfig)
     vision_config: VisionConfig = field(default_factory=lambda: VisionConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
@@ -123,18 +122,6 @@ class SigLIPConfig:
         return {"architectures": ["SiglipModel"], "model_type": "siglip", "objective": self.objective,
                 "text_config": text, "vision_config": vision}
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SigLIPConfig":
-        """The config.json of a checkpoint directory (or a config file's own path)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
-        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
 def _text_from_hf(d: dict, source: str) -> SiglipTextConfig:

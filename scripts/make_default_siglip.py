@@ -11,8 +11,8 @@ Stages (nanopali/world/recipe/siglip.py; each writes under --work and is skipped
     ship     the newest LiT checkpoint in bf16 into nanopali/world/default_siglip/, scored on seeds 3 and 11
              (world/siglip.py; WORK/metrics.json), with its model card
     scratch  (only when named) the same SigLIP trained from scratch (WORK/run), for make_default_model.py --vision-from
-    compare  (only when named) sigmoid vs softmax in miniature: both objectives at batch 32, 128 and 512 on the same
-             pairs, scored on seed 3 (WORK/compare.json; the table in BENCHMARKS.md)
+    compare  (only when named) sigmoid vs softmax in miniature: LiT with a 2-layer text tower, both objectives at
+             batch 32, 128 and 512 on the same pairs, scored on seed 3 (WORK/compare.json; the table in BENCHMARKS.md)
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ so that no weight can be silently ignored or mis-mapped without changing the out
 from __future__ import annotations
 
 import torch
+from hf_reference import randomized
 from transformers import SiglipConfig, SiglipModel
 
 # name: (text config, vision config); widths, heads, patch sizes and text lengths all differ, and the first has a
@@ -34,14 +35,7 @@ def hf_config(name: str) -> SiglipConfig:
 
 
 def hf_model(name: str, seed: int = 0, std: float = 0.2) -> SiglipModel:
-    torch.manual_seed(seed)
-    config = hf_config(name)
-    config._attn_implementation = "eager"
-    model = SiglipModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
+    return randomized(SiglipModel, hf_config(name), seed, std)
 
 
 def inputs(name: str, n_images: int = 3, n_texts: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,9 +7,6 @@ and FSDP2) give the weights of one process on the same global batch, and the opt
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from siglip_reference import write_checkpoint
+from test_distributed import torchrun
 from test_train import InterruptAt, assert_same_training
 from transformers import SiglipModel
 
@@ -119,24 +117,6 @@ def test_interrupted_and_resumed_equals_uninterrupted(base, data, single, tmp_pa
     a, b = weights(single / "checkpoint-000004"), weights(out / "checkpoint-000004")
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-
-
-SCRIPT = """\
-import json, sys
-from nanopali.train import TrainConfig, fit
-fit(TrainConfig(**json.loads(sys.argv[1])))
-"""
-
-
-def torchrun(tmp_path: Path, config: dict) -> Path:
-    script = tmp_path / "train_script.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), json.dumps(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
-    return Path(config["out"])
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

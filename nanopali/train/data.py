@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -220,8 +221,6 @@ def example_stream(data: Sequence | Iterable, seed: int, start: int = 0,
 def collate_pairs(processor, pairs: list[Pair]) -> dict[str, torch.Tensor]:
     """SigLIPProcessor inputs of image-text pairs: pixel_values and fixed-length input_ids (long texts cut quietly:
     JsonlDataset counted them)."""
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

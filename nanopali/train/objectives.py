@@ -21,6 +21,10 @@ from pathlib import Path
 import torch
 
 from nanopali.errors import UsageError
+from nanopali.inputs.processor import Processor
+from nanopali.inputs.siglip_processor import SigLIPProcessor
+from nanopali.models.contrastive import SigLIP
+from nanopali.models.paligemma import PaliGemma
 from nanopali.nn.losses import count as suffix_count
 from nanopali.train.data import FIELDS, PAIR_FIELDS, JsonlDataset, collate, collate_pairs
 from nanopali.train.evaluate import evaluate, evaluate_contrastive
@@ -37,13 +41,9 @@ class Suffix:
     recipes = RECIPES
 
     def processor(self, path: Path):
-        from nanopali.inputs.processor import Processor
-
         return Processor.from_pretrained(path)
 
     def model(self, path: Path, device: torch.device):
-        from nanopali.models.paligemma import PaliGemma
-
         return PaliGemma.from_pretrained(path, device=device)
 
     def dataset(self, path, config, processor, held_out: bool = False) -> JsonlDataset:
@@ -76,13 +76,9 @@ class Contrastive:
         self.name = name
 
     def processor(self, path: Path):
-        from nanopali.inputs.siglip_processor import SigLIPProcessor
-
         return SigLIPProcessor.from_pretrained(path)
 
     def model(self, path: Path, device: torch.device):
-        from nanopali.models.contrastive import SigLIP
-
         model = SigLIP.from_pretrained(path, device=device)
         model.config = replace(model.config, objective=self.name)  # what the saved checkpoints' logits mean
         return model
