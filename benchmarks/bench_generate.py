@@ -31,10 +31,12 @@ loading and generating. What is timed, identically on both sides, greedy:
 Run 0 of each is a warm-up and is dropped; the table shows medians (and bests) over the other runs,
 and how much of the CPUs other processes took meanwhile (from /proc/stat): on a shared machine a
 busy neighbour slows a run several-fold, so rerun when that row is not near 0.
-Before the workers, the driver measures the machine on the spot: memory read bandwidth (a 1 GiB
-fp32 torch.sum) and bf16 matmul throughput (2048³ GEMM). The decode bound is that bandwidth divided
+After each round's workers, the driver measures the machine on the spot: memory read bandwidth (1 GiB
+torch sums), bf16 matmul throughput (2048³ GEMM) and the vector units' peaks (peaks.py: fp32 FMA,
+AVX-512 BF16 and VNNI dot products from registers). The decode bound is that bandwidth divided
 by the bytes one decode step must read (every decoder weight and the tied head, in the run's
-dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower).
+dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower), and is
+given against torch's matmul and the bf16 dot peak (the int8 one for llama.cpp's q8_0 / q4_0).
 transformers uses its default attention (reported in the table) and its default DynamicCache;
 nanopali uses its static cache. The ratio column is nanopali / transformers.
 
@@ -351,14 +353,17 @@ def run_worker(framework: str, args, logits_dir: Path) -> dict:
 
 @torch.no_grad()
 def measure_machine(threads: int) -> dict:
-    """Memory read bandwidth (GB/s: the best of fp32 sum, bf16 sum and fp32 amax over 1 GiB) and bf16 GEMM
-    throughput (GFLOP/s, 2048³), each the best of 5 repeats."""
+    """Memory read bandwidth (GB/s: the best of fp32 sum, bf16 sum and fp32 amax over 1 GiB), bf16 GEMM
+    throughput (GFLOP/s, 2048³), each the best of 5 repeats, and the vector units' peaks (peaks.py)."""
     torch.set_num_threads(threads)
     f32, b16 = torch.ones(2**28), torch.ones(2**29, dtype=torch.bfloat16)
     a, b = torch.randn(2048, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
     best = lambda fn: (fn(), min(timed(fn)[1] for _ in range(5)))[1]
     bandwidth = max(2**30 / best(f32.sum), 2**30 / best(b16.sum), 2**30 / best(f32.amax)) / 1e9
-    return dict(bandwidth_gbs=bandwidth, matmul_gflops=2 * 2048**3 / best(lambda: a @ b) / 1e9)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peaks
+    return dict(bandwidth_gbs=bandwidth, matmul_gflops=2 * 2048**3 / best(lambda: a @ b) / 1e9,
+                **{f"{k}_peak": v for k, v in peaks.measure(threads).items()})
 
 
 @torch.no_grad()
@@ -462,8 +467,10 @@ def precision(name: str) -> str:
 
 def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Path, args) -> str:
     """Ratios against transformers, the bandwidth bound, prefill GFLOP/s and agreement with nanopali bf16."""
-    bw, gpu = machine["bandwidth_gbs"], args.device == "cuda"
-    lines = [f"machine, measured now: memory read {bw:.1f} GB/s, bf16 matmul {machine['matmul_gflops']:.0f} GFLOP/s"]
+    bw, gpu, nan = machine["bandwidth_gbs"], args.device == "cuda", float("nan")
+    lines = [f"machine, measured now: memory read {bw:.1f} GB/s, bf16 matmul {machine['matmul_gflops']:.0f} GFLOP/s; "
+             f"vector peaks (peaks.py): fp32 FMA {machine.get('fp32_fma_peak', nan):.0f}, bf16 dot "
+             f"{machine.get('bf16_dot_peak', nan):.0f} GFLOP/s, int8 dot {machine.get('int8_dot_peak', nan):.0f} GOP/s"]
     if gpu:
         lines = [f"GPU, measured now: {machine['gpu']} ({machine['versions']}): HBM {bw:.0f} GB/s (bf16 sum, read: "
                  f"{machine['sum_read_gbs']:.0f}; copy, read + written: {machine['copy_gbs']:.0f}), bf16 matmul "
@@ -475,9 +482,12 @@ def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Pa
             gflops = costs["text_prefill_flop"] / (r["text_prefill_ms"] / 1000) / 1e9
         else:
             gflops = costs["prefill_flop"] * args.batch / (r["prefill_ms"] / 1000) / 1e9
+        # the instruction its prefill's products can use at best: llama.cpp's q8_0 / q4_0 multiply int8, the rest bf16
+        peak = "int8_dot" if kind in ("q8_0", "q4_0") else "bf16_dot"
         line = (f"{name:15s} decode {r['decode_tok_s']:6.2f} tok/s = {100 * r['decode_tok_s'] / bound:3.0f}% of the "
                 f"{kind} bound {bound:5.2f} ({costs['decode_bytes'][kind] / 1e9:.2f} GB/token); prefill "
-                f"{gflops:4.0f} GFLOP/s = {100 * gflops / machine['matmul_gflops']:3.0f}% of the matmul peak")
+                f"{gflops:4.0f} GFLOP/s = {100 * gflops / machine['matmul_gflops']:3.0f}% of torch's bf16 matmul, "
+                f"{100 * gflops / machine.get(f'{peak}_peak', nan):3.0f}% of the {peak.replace('_', ' ')} peak")
         if gpu:
             line += (f"; {r['ms_per_step']:.2f} ms/step; after step 1 {r['later_steps_tok_s']:.2f} tok/s = "
                      f"{100 * r['later_steps_tok_s'] / bound:3.0f}% of the bound")

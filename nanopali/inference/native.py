@@ -147,26 +147,32 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("NANOPALI_CACHE", Path.home() / ".cache" / "nanopali"))
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Build (once per source, compiler and processor) and load the kernels; None, with a warning, if that fails."""
+def build(source: str, name: str = "native") -> ctypes.CDLL:
+    """Compile C++ `source` for this processor (-O3 -march=native -fopenmp) once per source, compiler and processor,
+    into the cache, and load it; OSError or CalledProcessError if that fails."""
     compiler = _compiler()
     cpu = Path("/proc/cpuinfo").read_text().split("\nflags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
-    key = hashlib.sha256("\0".join([SOURCE, compiler, cpu, torch.__version__]).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"native-{key}.so"
+    key = hashlib.sha256("\0".join([source, compiler, cpu, torch.__version__]).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"{name}-{key}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        src, tmp = lib.with_suffix(".cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
+        src.write_text(source)
+        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)],
+                       check=True, capture_output=True, text=True)
+        tmp.rename(lib)
+    return ctypes.CDLL(str(lib))  # its libgomp.so.1 is the one torch loaded: one OpenMP thread pool
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The kernels, built at first use; None, with a warning, if that fails."""
     try:
-        if not lib.is_file():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            src, tmp = lib.with_suffix(".cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
-            src.write_text(SOURCE)
-            subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)],
-                           check=True, capture_output=True, text=True)
-            tmp.rename(lib)
-        dll = ctypes.CDLL(str(lib))  # its libgomp.so.1 is the one torch loaded: one OpenMP thread pool
+        dll = build(SOURCE)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"nanopali.inference.native: building the CPU kernels with {compiler} failed ({detail.strip()[:300]}); "
-                      "using torch's kernels", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"nanopali.inference.native: building the CPU kernels with {_compiler()} failed "
+                      f"({detail.strip()[:300]}); using torch's kernels", RuntimeWarning, stacklevel=3)
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     dll.gemv_bf16.argtypes = [p, p, p, i64, i64, i32]

@@ -1,0 +1,139 @@
+"""The processor's arithmetic peaks, measured: what prefill GFLOP/s is compared with in bench_generate.py.
+
+    python benchmarks/peaks.py --threads 2
+
+torch's bf16 GEMM is one kernel's speed, not the machine's; the peak is what the vector units retire when fed from
+registers. Timed here, on every thread (OpenMP), 12 independent accumulator chains per thread so latency is hidden:
+- fp32 FMA       `vfmadd` (AVX-512, else AVX2): 2 FLOP per lane
+- bf16 dot       `vdpbf16ps` (AVX-512 BF16), 2 bf16 products + 2 adds per fp32 lane: what bf16 matmuls can reach
+- int8 dot       `vpdpbusd` (AVX-512 VNNI), 4 u8 x s8 products + 4 adds per int32 lane: llama.cpp's q8_0 / q4_0
+Built with the compiler native.py uses (`native.build`); a missing instruction set gives NaN for that peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import time
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#define CHAINS(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+
+/* Each returns ops per iteration per thread (0 where the instruction set is missing); `seed` keeps the compiler from
+   folding the loop. */
+extern "C" long fma_f32(long iters, int threads, float seed, float *sink) {
+#if defined(__AVX512F__)
+#pragma omp parallel num_threads(threads)
+    {
+        __m512 x = _mm512_set1_ps(seed), y = _mm512_set1_ps(1.0f - seed);
+#define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define STEP(i) a##i = _mm512_fmadd_ps(a##i, x, y);
+#define SUM(i) s += _mm512_reduce_add_ps(a##i);
+        CHAINS(DECL)
+        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
+        float s = 0.0f;
+        CHAINS(SUM)
+        sink[omp_get_thread_num()] = s;
+#undef DECL
+#undef STEP
+#undef SUM
+    }
+    return 12 * 16 * 2;
+#else
+    return 0;
+#endif
+}
+
+extern "C" long dot_bf16(long iters, int threads, float seed, float *sink) {
+#if defined(__AVX512BF16__)
+#pragma omp parallel num_threads(threads)
+    {
+        __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(seed)), y = x;
+#define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, x, y);
+#define SUM(i) s += _mm512_reduce_add_ps(a##i);
+        CHAINS(DECL)
+        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
+        float s = 0.0f;
+        CHAINS(SUM)
+        sink[omp_get_thread_num()] = s;
+#undef DECL
+#undef STEP
+#undef SUM
+    }
+    return 12 * 32 * 2;
+#else
+    return 0;
+#endif
+}
+
+extern "C" long dot_int8(long iters, int threads, float seed, float *sink) {
+#if defined(__AVX512VNNI__)
+#pragma omp parallel num_threads(threads)
+    {
+        __m512i x = _mm512_set1_epi8((char)(seed * 100)), y = _mm512_set1_epi8(3);
+#define DECL(i) __m512i a##i = _mm512_set1_epi32(i);
+#define STEP(i) a##i = _mm512_dpbusd_epi32(a##i, x, y);
+#define SUM(i) s += (unsigned)_mm512_reduce_add_epi32(a##i);
+        CHAINS(DECL)
+        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
+        unsigned s = 0;
+        CHAINS(SUM)
+        sink[omp_get_thread_num()] = (float)s;
+#undef DECL
+#undef STEP
+#undef SUM
+    }
+    return 12 * 64 * 2;
+#else
+    return 0;
+#endif
+}
+"""
+KERNELS = {"fp32_fma": "fma_f32", "bf16_dot": "dot_bf16", "int8_dot": "dot_int8"}
+
+
+def measure(threads: int, seconds: float = 0.3) -> dict[str, float]:
+    """{"fp32_fma", "bf16_dot", "int8_dot"}: the best of 5 timings, in GFLOP/s (GOP/s for int8); NaN where the
+    instruction set is missing or the build fails."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from nanopali.inference import native
+    try:
+        lib = native.build(SOURCE, "peaks")
+    except Exception:  # no compiler: no peaks
+        return {name: math.nan for name in KERNELS}
+    sink = (ctypes.c_float * 256)()
+    out = {}
+    for name, symbol in KERNELS.items():
+        fn = getattr(lib, symbol)
+        fn.argtypes, fn.restype = [ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_void_p], ctypes.c_long
+        iters = 1000
+        while True:  # calibrate to about `seconds` a call
+            start = time.perf_counter()
+            ops = fn(iters, threads, 0.5, sink)
+            took = time.perf_counter() - start
+            if not ops or took > seconds / 4:
+                break
+            iters *= 4
+        best = min(_timed(fn, iters, threads, sink) for _ in range(5)) if ops else math.nan
+        out[name] = ops * iters * threads / best / 1e9 if ops else math.nan
+    return out
+
+
+def _timed(fn, iters: int, threads: int, sink) -> float:
+    start = time.perf_counter()
+    fn(iters, threads, 0.5, sink)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    for name, value in measure(args.threads).items():
+        print(f"{name:9s} {value:8.1f} G{'OP' if name == 'int8_dot' else 'FLOP'}/s on {args.threads} thread(s)")
