@@ -32,10 +32,10 @@ Run 0 of each is a warm-up and is dropped; the table shows medians (and bests) o
 and how much of the CPUs other processes took meanwhile (from /proc/stat): on a shared machine a
 busy neighbour slows a run several-fold, so rerun when that row is not near 0.
 After each round's workers, the driver measures the machine on the spot: memory read bandwidth (1 GiB
-torch sums), bf16 matmul throughput (2048³ GEMM) and the vector units' peaks (peaks.py: fp32 FMA,
-AVX-512 BF16 and VNNI dot products from registers). The decode bound is that bandwidth divided
-by the bytes one decode step must read (every decoder weight and the tied head, in the run's
-dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower), and is
+read by torch sums and by plain vector loads, the best), bf16 matmul throughput (2048³ GEMM) and the
+vector units' peaks (peaks.py: fp32 FMA, AVX-512 BF16 and VNNI dot products from registers). The
+decode bound is that bandwidth divided by the bytes one decode step must read (every decoder
+weight and the tied head, in the run's dtype); prefill GFLOP/s counts 2 FLOP per weight per token (decoder and vision tower), and is
 given against torch's matmul and the bf16 dot peak (the int8 one for llama.cpp's q8_0 / q4_0).
 transformers uses its default attention (reported in the table) and its default DynamicCache;
 nanopali uses its static cache. The ratio column is nanopali / transformers.
@@ -110,7 +110,11 @@ class NanoPali:
     def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", fast: bool = True, quantize: str | None = None,
                  cuda_graphs: bool = True, one_row: str | None = None):
         from nanopali import PaliGemma, prepare
-        self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device)
+        from nanopali.inference.quantize import load_quantized
+        if quantize is None:
+            self.model = PaliGemma.from_pretrained(path, dtype=dtype, device=device)
+        else:  # quantized as it is read, as nanopali.load and the CLI do
+            self.model = load_quantized(path, quantize, dtype=dtype, device=device)
         # one_row None: measure which one-row path is faster (the default)
         self.runtime = prepare(self.model, quantize=quantize, cpu_kernels=fast, cuda_graphs=cuda_graphs, force_path=one_row)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
@@ -353,15 +357,17 @@ def run_worker(framework: str, args, logits_dir: Path) -> dict:
 
 @torch.no_grad()
 def measure_machine(threads: int) -> dict:
-    """Memory read bandwidth (GB/s: the best of fp32 sum, bf16 sum and fp32 amax over 1 GiB), bf16 GEMM
-    throughput (GFLOP/s, 2048³), each the best of 5 repeats, and the vector units' peaks (peaks.py)."""
+    """Memory read bandwidth (GB/s: the best of fp32 sum, bf16 sum and fp32 amax over 1 GiB, and peaks.py's plain
+    vector loads over 1 GiB), bf16 GEMM throughput (GFLOP/s, 2048³), each the best of 5 repeats, and the vector
+    units' peaks (peaks.py)."""
     torch.set_num_threads(threads)
     f32, b16 = torch.ones(2**28), torch.ones(2**29, dtype=torch.bfloat16)
     a, b = torch.randn(2048, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
     best = lambda fn: (fn(), min(timed(fn)[1] for _ in range(5)))[1]
-    bandwidth = max(2**30 / best(f32.sum), 2**30 / best(b16.sum), 2**30 / best(f32.amax)) / 1e9
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peaks
+    torch_gbs = max(2**30 / best(f32.sum), 2**30 / best(b16.sum), 2**30 / best(f32.amax)) / 1e9
+    bandwidth = max(torch_gbs, peaks.read_bandwidth(threads))  # max ignores a NaN second
     return dict(bandwidth_gbs=bandwidth, matmul_gflops=2 * 2048**3 / best(lambda: a @ b) / 1e9,
                 **{f"{k}_peak": v for k, v in peaks.measure(threads).items()})
 

@@ -24,6 +24,15 @@ SOURCE = r"""
 
 /* Each returns ops per iteration per thread (0 where the instruction set is missing); `seed` keeps the compiler from
    folding the loop. */
+/* Memory read bandwidth: every 8-byte word of buf summed, rows split between threads (integer adds: no latency chain
+   slows the loads). */
+extern "C" unsigned long read_words(const unsigned long *buf, long n, int threads) {
+    unsigned long s = 0;
+#pragma omp parallel for simd num_threads(threads) schedule(static) reduction(+:s)
+    for (long i = 0; i < n; i++) s += buf[i];
+    return s;
+}
+
 extern "C" long fma_f32(long iters, int threads, float seed, float *sink) {
 #if defined(__AVX512F__)
 #pragma omp parallel num_threads(threads)
@@ -125,6 +134,28 @@ def measure(threads: int, seconds: float = 0.3) -> dict[str, float]:
     return out
 
 
+def read_bandwidth(threads: int, gib: int = 1) -> float:
+    """GB/s of reading `gib` GiB (far beyond any cache) with plain vector loads on every thread, the best of 5; NaN
+    without a compiler. torch's sums (bench_generate.measure_machine) can read slower than a GEMV streams."""
+    import sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from nanopali.inference import native
+    try:
+        lib = native.build(SOURCE, "peaks")
+    except Exception:
+        return math.nan
+    lib.read_words.argtypes, lib.read_words.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int], ctypes.c_ulong
+    buf = torch.ones(gib * 2**27, dtype=torch.int64)  # touched: its pages exist
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        lib.read_words(buf.data_ptr(), buf.numel(), threads)
+        times.append(time.perf_counter() - start)
+    return gib * 2**30 / min(times[1:]) / 1e9
+
+
 def _timed(fn, iters: int, threads: int, sink) -> float:
     start = time.perf_counter()
     fn(iters, threads, 0.5, sink)
@@ -135,5 +166,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    print(f"memory read {read_bandwidth(args.threads):8.1f} GB/s on {args.threads} thread(s)")
     for name, value in measure(args.threads).items():
         print(f"{name:9s} {value:8.1f} G{'OP' if name == 'int8_dot' else 'FLOP'}/s on {args.threads} thread(s)")
