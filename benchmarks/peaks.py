@@ -1,13 +1,15 @@
-"""The processor's arithmetic peaks, measured: what prefill GFLOP/s is compared with in bench_generate.py.
+"""The processor's arithmetic peaks and memory read bandwidth, measured: what bench_generate.py compares prefill
+GFLOP/s and decode tokens/s with.
 
     python benchmarks/peaks.py --threads 2
 
 torch's bf16 GEMM is one kernel's speed, not the machine's; the peak is what the vector units retire when fed from
 registers. Timed here, on every thread (OpenMP), 12 independent accumulator chains per thread so latency is hidden:
-- fp32 FMA       `vfmadd` (AVX-512, else AVX2): 2 FLOP per lane
+- fp32 FMA       `vfmadd` (AVX-512): 2 FLOP per lane
 - bf16 dot       `vdpbf16ps` (AVX-512 BF16), 2 bf16 products + 2 adds per fp32 lane: what bf16 matmuls can reach
 - int8 dot       `vpdpbusd` (AVX-512 VNNI), 4 u8 x s8 products + 4 adds per int32 lane: llama.cpp's q8_0 / q4_0
-Built with the compiler native.py uses (`native.build`); a missing instruction set gives NaN for that peak.
+and memory read bandwidth: 1 GiB summed as 8-byte integers with plain vector loads. Built with the compiler
+native.py uses (`native.build`); a missing instruction set gives NaN for that peak.
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ import time
 SOURCE = r"""
 #include <immintrin.h>
 #include <omp.h>
-#define CHAINS(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
 
-/* Each returns ops per iteration per thread (0 where the instruction set is missing); `seed` keeps the compiler from
-   folding the loop. */
 /* Memory read bandwidth: every 8-byte word of buf summed, rows split between threads (integer adds: no latency chain
    slows the loads). */
 extern "C" unsigned long read_words(const unsigned long *buf, long n, int threads) {
@@ -33,23 +32,32 @@ extern "C" unsigned long read_words(const unsigned long *buf, long n, int thread
     return s;
 }
 
-extern "C" long fma_f32(long iters, int threads, float seed, float *sink) {
-#if defined(__AVX512F__)
+/* On every thread: 12 independent chains a = step(a), `iters` times, in registers; their sum goes to sink[thread] so
+   the loop is not dropped. */
+template <class V, class Init, class Step, class Sum>
+static void chains(long iters, int threads, float *sink, Init init, Step step, Sum sum) {
 #pragma omp parallel num_threads(threads)
     {
-        __m512 x = _mm512_set1_ps(seed), y = _mm512_set1_ps(1.0f - seed);
-#define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
-#define STEP(i) a##i = _mm512_fmadd_ps(a##i, x, y);
-#define SUM(i) s += _mm512_reduce_add_ps(a##i);
-        CHAINS(DECL)
-        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
+        V a[12];
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = init(i);
+        for (long n = 0; n < iters; n++) {
+#pragma GCC unroll 12
+            for (int i = 0; i < 12; i++) a[i] = step(a[i]);
+        }
         float s = 0.0f;
-        CHAINS(SUM)
+        for (int i = 0; i < 12; i++) s += sum(a[i]);
         sink[omp_get_thread_num()] = s;
-#undef DECL
-#undef STEP
-#undef SUM
     }
+}
+
+/* Each returns the ops of one iteration on one thread (0 where the instruction set is missing); `seed` keeps the
+   compiler from folding the chains. */
+extern "C" long fma_f32(long iters, int threads, float seed, float *sink) {
+#if defined(__AVX512F__)
+    __m512 x = _mm512_set1_ps(seed), y = _mm512_set1_ps(1.0f - seed);
+    chains<__m512>(iters, threads, sink, [](int i) { return _mm512_set1_ps((float)i); },
+                   [=](__m512 a) { return _mm512_fmadd_ps(a, x, y); }, [](__m512 a) { return _mm512_reduce_add_ps(a); });
     return 12 * 16 * 2;
 #else
     return 0;
@@ -58,21 +66,9 @@ extern "C" long fma_f32(long iters, int threads, float seed, float *sink) {
 
 extern "C" long dot_bf16(long iters, int threads, float seed, float *sink) {
 #if defined(__AVX512BF16__)
-#pragma omp parallel num_threads(threads)
-    {
-        __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(seed)), y = x;
-#define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
-#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, x, y);
-#define SUM(i) s += _mm512_reduce_add_ps(a##i);
-        CHAINS(DECL)
-        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
-        float s = 0.0f;
-        CHAINS(SUM)
-        sink[omp_get_thread_num()] = s;
-#undef DECL
-#undef STEP
-#undef SUM
-    }
+    __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(seed));
+    chains<__m512>(iters, threads, sink, [](int i) { return _mm512_set1_ps((float)i); },
+                   [=](__m512 a) { return _mm512_dpbf16_ps(a, x, x); }, [](__m512 a) { return _mm512_reduce_add_ps(a); });
     return 12 * 32 * 2;
 #else
     return 0;
@@ -81,21 +77,10 @@ extern "C" long dot_bf16(long iters, int threads, float seed, float *sink) {
 
 extern "C" long dot_int8(long iters, int threads, float seed, float *sink) {
 #if defined(__AVX512VNNI__)
-#pragma omp parallel num_threads(threads)
-    {
-        __m512i x = _mm512_set1_epi8((char)(seed * 100)), y = _mm512_set1_epi8(3);
-#define DECL(i) __m512i a##i = _mm512_set1_epi32(i);
-#define STEP(i) a##i = _mm512_dpbusd_epi32(a##i, x, y);
-#define SUM(i) s += (unsigned)_mm512_reduce_add_epi32(a##i);
-        CHAINS(DECL)
-        for (long n = 0; n < iters; n++) { CHAINS(STEP) }
-        unsigned s = 0;
-        CHAINS(SUM)
-        sink[omp_get_thread_num()] = (float)s;
-#undef DECL
-#undef STEP
-#undef SUM
-    }
+    __m512i x = _mm512_set1_epi8((char)(seed * 100)), y = _mm512_set1_epi8(3);
+    chains<__m512i>(iters, threads, sink, [](int i) { return _mm512_set1_epi32(i); },
+                    [=](__m512i a) { return _mm512_dpbusd_epi32(a, x, y); },
+                    [](__m512i a) { return (float)_mm512_reduce_add_epi32(a); });
     return 12 * 64 * 2;
 #else
     return 0;
