@@ -187,6 +187,23 @@ def run_worker(args: list[str], world: int = 1) -> dict:
     return result
 
 
+def alternate(frameworks: tuple[str, str], args: list[str], rounds: int, extra: list[str] = ()) -> dict[str, dict]:
+    """Each framework's worker `rounds` times, alternating (A B B A A B ...), so that a neighbour's load falls on both
+    alike: the timings of all rounds pooled, the largest peak RSS, the mean share of the CPUs others took."""
+    rows: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for r in range(rounds):
+        for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+            rows[fw].append(run_worker([args[0], fw, *args[1:], *extra]))
+    merged = {}
+    for fw, results in rows.items():
+        merged[fw] = {**results[0], "peak_rss_gib": max(x["peak_rss_gib"] for x in results),
+                      "cpu_share": statistics.mean(x["cpu_share"] for x in results)}
+        for key in ("times", "image", "text"):
+            if key in results[0]:
+                merged[fw][key] = [t for x in results for t in x[key]]
+    return merged
+
+
 def main() -> None:
     if "--worker" in sys.argv:
         part, *rest = sys.argv[sys.argv.index("--worker") + 1:]
@@ -199,11 +216,13 @@ def main() -> None:
     p.add_argument("part", choices=["train", "embed", "loss-memory"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="train/embed: workers per framework, alternating")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     if args.part == "train":
-        rows = {fw: run_worker(["train", fw, str(args.batch), str(args.steps)]) for fw in ("open_clip", "nanopali")}
-        print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.steps} steps after a warm-up)")
+        rows = alternate(("open_clip", "nanopali"), ["train", str(args.batch), str(args.steps)], args.rounds)
+        print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.rounds} x {args.steps} steps, "
+              "each worker after a warm-up step)")
         print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | machine busy |")
         print("|---|---|---|---|---|---|---|---|")
         ref = rows["open_clip"]
@@ -216,9 +235,9 @@ def main() -> None:
     elif args.part == "embed":
         with tempfile.TemporaryDirectory() as folder:
             nanopali_model().save_pretrained(folder)
-            rows = {fw: run_worker(["embed", fw, str(args.batch), str(args.steps), folder])
-                    for fw in ("transformers", "nanopali")}
-        print(f"\nSigLIP-B/16 features, batch {args.batch}, fp32, no grad (median of {args.steps} calls)")
+            rows = alternate(("transformers", "nanopali"), ["embed", str(args.batch), str(args.steps)], args.rounds,
+                             [folder])
+        print(f"\nSigLIP-B/16 features, batch {args.batch}, fp32, no grad (median of {args.rounds} x {args.steps} calls)")
         print("| framework | images/s | ratio | texts/s | ratio | peak RSS GiB |")
         print("|---|---|---|---|---|---|")
         ref = rows["transformers"]

@@ -225,39 +225,42 @@ STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": 
 # log 10 and -10; CLIP: log 1/0.07), both at 10x the lr; only the objective and the batch size (hence the number of
 # steps) change.
 MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2, projection_size=VISION["hidden_size"])
-COMPARE = dict(batch_sizes=(32, 128, 512), examples=24_576, lr=1e-3)
+COMPARE = dict(batch_sizes=(32, 128, 512), examples=12_288, lr=1e-3)
 
 
-def compare(work: Path) -> dict:
-    """Train and score every (objective, batch size); results in WORK/compare.json (resumable)."""
+def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
+    """Train and score every (objective, batch size): each run's scores in WORK/compare-<objective>-<batch>/score.json
+    (resumable; objectives can run in separate processes), all of them in WORK/compare.json."""
     from nanopali.world.siglip import evaluate_world_contrastive
     from nanopali.zero_shot import Contrastive
 
-    results_file = work / "compare.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    tower = PaliGemma.from_pretrained(DEFAULT_MODEL_DIR).vision.state_dict()
-    for objective in ("siglip", "clip"):
+    for objective in objectives:
         init = work / f"compare-init-{objective}"
         if not (init / "config.json").is_file():
             init_model(init, objective, text=MINI_TEXT)
             model = SigLIP.from_pretrained(init)
-            model.vision_model.load_state_dict(tower, strict=False)  # all but the pooling head
+            model.vision_model.load_state_dict(PaliGemma.from_pretrained(DEFAULT_MODEL_DIR).vision.state_dict(),
+                                               strict=False)  # all but the pooling head
             model.save_pretrained(init)
         for batch in COMPARE["batch_sizes"]:
-            name = f"{objective}-{batch}"
-            if name in results:
+            run = work / f"compare-{objective}-{batch}"
+            if (run / "score.json").is_file():
                 continue
             steps = COMPARE["examples"] // batch
-            config = TrainConfig(model=str(init), out=str(work / f"compare-{name}"), resume=True, objective=objective,
+            config = TrainConfig(model=str(init), out=str(run), resume=True, objective=objective,
                                  recipe="freeze-vision-encoder", steps=steps, batch_size=batch, lr=COMPARE["lr"],
                                  lr_scale={"logit_*": 10.0}, warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
-                                 weight_decay=1e-4, log_every=max(1, steps // 100), seed=2)
+                                 weight_decay=1e-4, log_every=max(1, steps // 100), save_every=max(1, steps // 8),
+                                 keep_checkpoints=1, seed=2)
             start = time.perf_counter()
             final = fit(config, train_data=WorldPairs(stage_data(work)))
             seconds = time.perf_counter() - start
             clip = Contrastive(SigLIP.from_pretrained(final).eval(), SigLIPProcessor.from_pretrained(final))
-            results[name] = {"steps": steps, "seconds": seconds, **evaluate_world_contrastive(clip, 1000, seed=3)}
-            results_file.write_text(json.dumps(results, indent=2))
+            scores = {"steps": steps, "seconds": seconds, **evaluate_world_contrastive(clip, 1000, seed=3)}
+            (run / "score.json").write_text(json.dumps(scores, indent=2))
+    results = {run.name.removeprefix("compare-"): json.loads((run / "score.json").read_text())
+               for run in sorted(work.glob("compare-*-*")) if (run / "score.json").is_file()}
+    (work / "compare.json").write_text(json.dumps(results, indent=2))
     return results
 
 
