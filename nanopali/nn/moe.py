@@ -1,0 +1,142 @@
+"""The sparse mixture-of-experts MLP: a router picks k of E GeGLU experts per token (Mixtral, Qwen2-MoE).
+
+    moe = SparseMoE(hidden_size=D, intermediate_size=I, num_experts=E, top_k=k)
+    y = moe(x)                         # (B, T, D) -> (B, T, D); moe.router_logits (B·T, E) for the losses
+
+Routing follows transformers' MixtralTopKRouter: logits = gate(x), softmax in fp32, top-k, the k weights
+renormalized to sum 1 (`norm_topk_prob`; Qwen2-MoE leaves them unnormalized). Two optional training-only
+noises: Mixtral's jitter (the layer input times U(1 - j, 1 + j)) and the noisy top-k router of "seemore"
+(logits + N(0, 1)·softplus(W_noise x), W_noise = `noise.weight`, a parameter transformers does not have).
+Qwen2-MoE's shared expert adds sigmoid(shared_expert_gate(x))·shared_expert(x) for every token.
+
+Parameters are transformers 5.x's fused layout, so checkpoints load with the same strict plumbing:
+`gate.weight` (E, D), `experts.gate_up_proj` (E, 2I, D) = [gate; up] rows, `experts.down_proj` (E, D, I).
+Dispatch is dropless and has no per-token loop: the (token, expert) pairs are sorted by expert, each expert
+runs once on its contiguous slice (one torch._grouped_mm for all of them on CUDA in bf16, compute capability
+>= 8.0), and the k weighted outputs of each token are summed in fp32. Every expert's weights are one tensor, so
+an expert that gets no token still gets a (zero) gradient: DDP sees no unused parameter.
+
+`router_logits` holds the logits the last forward routed with (noise included), for the training losses
+(nn/losses.py: load_balancing_loss, router_z_loss); models/paligemma.py collects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanopali.nn.mlp import GeGLU, gelu_tanh
+
+# expert_fn(e, x_e (n, D)) -> (n, D): expert e on its n rows; how the products are computed is the caller's
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> (fp32 weights (N, k), long expert ids (N, k)): softmax, top-k, renormalized."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
+             expert_fn: ExpertFn | None = None, grouped=None) -> torch.Tensor:
+    """Σ_j weights[n, j] · expert_{experts[n, j]}(x[n]) for every row n of x (N, D), dropless.
+
+    The N·k (row, expert) pairs are sorted by expert; then either `expert_fn(e, rows)` runs once per expert that
+    has rows, on its contiguous slice, or `grouped(rows (S, D), offsets int32 (E,))` runs all of them at once.
+    Each output is weighted in fp32 and rounded to x's dtype (as transformers), and a row's k outputs are added
+    in fp32 in a fixed order (no atomics: deterministic on GPUs too)."""
+    N, k = experts.shape
+    flat = experts.reshape(-1)                                                    # (N·k,)
+    order = flat.argsort(stable=True)                                             # pairs, by expert
+    rows = x[order // k]                                                          # (N·k, D)
+    counts = torch.bincount(flat, minlength=num_experts)                          # (E,)
+    if grouped is not None:
+        out = grouped(rows, counts.cumsum(0, dtype=torch.int32))
+    else:
+        sizes = counts.tolist()
+        out = torch.cat([expert_fn(e, part) for e, part in enumerate(rows.split(sizes)) if sizes[e]])
+    out = (out * weights.reshape(-1)[order, None]).to(x.dtype)                   # (N·k, D), weighted
+    unsorted = torch.empty_like(out).index_copy_(0, order, out)                   # back to (row, slot) order
+    return unsorted.view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
+
+
+def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM is the fast path here: CUDA, bf16, compute capability >= 8.0 (on the CPU a
+    loop over the experts is faster; BENCHMARKS.md)."""
+    return (x.device.type == "cuda" and x.dtype == weight.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+class Experts(nn.Module):
+    """E GeGLU experts as two fused tensors: gate_up_proj (E, 2I, D) and down_proj (E, D, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, D), expert ids (N, k), fp32 weights (N, k) -> (N, D)."""
+        if grouped_mm_available(x, self.gate_up_proj):
+            return dispatch(x, experts, weights, self.num_experts, grouped=self._grouped)
+        # unbind once: its backward stacks the experts' gradients into one tensor, where indexing the
+        # parameter per expert would allocate a full-size zero gradient for each expert
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        return dispatch(x, experts, weights, self.num_experts,
+                        lambda e, rows: F.linear(_geglu(F.linear(rows, gate_up[e])), down[e]))
+
+    def _grouped(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        h = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)     # (S, 2I)
+        return torch._grouped_mm(_geglu(h), self.down_proj.transpose(1, 2), offs=offsets)  # (S, D)
+
+    def extra_repr(self) -> str:
+        E, two_i, D = self.gate_up_proj.shape
+        return f"num_experts={E}, hidden_size={D}, intermediate_size={two_i // 2}"
+
+
+def _geglu(h: torch.Tensor) -> torch.Tensor:
+    """[gate | up] (..., 2I) -> gelu_tanh(gate)·up (..., I)."""
+    gate, up = h.chunk(2, dim=-1)
+    return gelu_tanh(gate) * up
+
+
+class SparseMoE(nn.Module):
+    """Router + experts (+ optional shared expert), a drop-in for the decoder layer's GeGLU `mlp`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 norm_topk_prob: bool = True, jitter_noise: float = 0.0, noisy_topk: bool = False,
+                 shared_intermediate_size: int | None = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.jitter_noise = jitter_noise
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)                 # the router
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False) if noisy_topk else None
+        if shared_intermediate_size:
+            self.shared_expert = GeGLU(hidden_size, shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+        self.router_logits: torch.Tensor | None = None  # (N, E) of the last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                    # (N, D)
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits = self.gate(x)                                                          # (N, E)
+        if self.training and self.noise is not None:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        self.router_logits = logits
+        weights, experts = route(logits, self.top_k, self.norm_topk_prob)              # (N, k) each
+        y = self.experts(x, experts, weights)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(shape)
