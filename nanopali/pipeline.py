@@ -31,7 +31,7 @@ from nanopali.inputs.images import load_image
 from nanopali.inputs.processor import Processor
 from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.models.paligemma import PaliGemma
-from nanopali.paths import default_model_dir
+from nanopali.paths import model_dir
 from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
 
 VAE_FILE = "vae-oid.npz"
@@ -65,14 +65,15 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
          vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
-    path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
+    path=None loads the shipped default model, a small PaliGemma of the toy shapes world; "moe" its
+    mixture-of-experts twin (paths.py: a directory of that name wins).
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
     `dtype` may be named ("bfloat16", "bf16", "float32"…); `device` and `dtype` are checked before any file is
     read: "cuda" without a GPU torch can see, a misspelt device or a non-float dtype is a UsageError.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    path = checkpoint_dir(default_model_dir() if path is None else path)
+    path = checkpoint_dir(model_dir(path))
     model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
     runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
     processor = Processor.from_pretrained(path)

@@ -5,12 +5,13 @@
     nanopali ocr      IMAGE                             nanopali generate IMAGE "any prompt"
     nanopali chat     IMAGE                             nanopali info [DIR]
     nanopali train    --model DIR --data train.jsonl --out runs/x [--config train.json]
+    nanopali upcycle  DIR OUT --experts 8 --top-k 2     (a dense checkpoint -> mixture of experts)
 
 Without --model a command uses the shipped default model (paths.py): a small PaliGemma trained on
 nanopali's toy shapes world, which knows only that world; $NANOPALI_DEFAULT_MODEL names another default.
 train always needs --model: to fine-tune the shipped model, pass its directory (`nanopali info` prints it).
 
-One module per command group: tasks.py (caption … chat), info.py, train.py; common.py holds what they
+One module per command group: tasks.py (caption … chat), info.py, train.py, upcycle.py; common.py holds what they
 share. Each imports what it runs only when it runs (`nanopali caption` never imports the training code).
 
 A user mistake (missing image, bad model path, bad data: a nanopali.errors.NanopaliError) prints one
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanopali.cli import info, tasks, train
+from nanopali.cli import info, tasks, train, upcycle
 from nanopali.cli.common import LazyParser
 from nanopali.errors import NanopaliError
 
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_commands(sub)
     info.add_commands(sub)
     train.add_commands(sub)
+    upcycle.add_commands(sub)
     return p
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -26,10 +25,10 @@ def run_info(args) -> int:
     from nanopali.inputs.processor import Processor
     from nanopali.io.hf_checkpoint import check_state_dict, checkpoint_dir, checkpoint_files, tensor_specs
     from nanopali.models.paligemma import PaliGemma
-    from nanopali.paths import default_model_dir
+    from nanopali.paths import model_dir
     from nanopali.pipeline import VAE_FILE
 
-    path = checkpoint_dir(Path(args.model_dir) if args.model_dir else default_model_dir())
+    path = checkpoint_dir(model_dir(args.model_dir))
     config = PaliGemmaConfig.from_pretrained(path)
     files = checkpoint_files(path)
     specs = tensor_specs(path)  # the real tensors' names, shapes and dtypes, from the file headers
