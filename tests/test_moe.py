@@ -12,19 +12,22 @@ import pytest
 import torch
 from hf_reference import EOS, IMAGE_TOKEN, batch, hf_logits
 from moe_reference import CASES, hf_moe_model, record_router_logits, save
+from test_distributed import assert_same_run, metrics, options, torchrun
 from test_generate import hf_generate, prompts, until_eos
 from test_loss import with_labels
 from test_model import assert_close
-from tiny_checkpoint import tiny_config
+from test_train import base, data  # noqa: F401  (fixtures)
+from tiny_checkpoint import tiny_config, write_tiny_checkpoint
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from nanopali import PaliGemma, generate, prepare
+from nanopali import PaliGemma, Processor, cli, generate, prepare
 from nanopali.config import MOE_FIELDS, ConfigError, PaliGemmaConfig
 from nanopali.inference.decode import prefill
 from nanopali.io.hf_checkpoint import canonical_key
 from nanopali.nn.losses import router_losses
 from nanopali.nn.mlp import GeGLU
 from nanopali.nn.moe import Experts, SparseMoE, dispatch
+from nanopali.train import TrainConfig, fit
 from nanopali.train.upcycle import upcycle
 
 
@@ -267,3 +270,54 @@ def test_cpu_kernels_and_quantization_take_the_experts(mode):
         assert (cos >= 0.999).float().mean() >= 0.9, f"lowest cosine {cos.min():.4f}, median {cos.median():.4f}"
     else:
         assert cos.mean() >= 0.9, f"mean cosine {cos.mean():.4f}"
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("moe-base"), num_local_experts=4, num_experts_per_tok=2,
+                                 router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+
+
+@pytest.fixture(scope="module")
+def single(moe_checkpoint, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-single") / "run"
+    fit(TrainConfig(**options(moe_checkpoint, data, out, batch_size=4)))
+    return out
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_the_weights_of_one_and_log_the_routing(moe_checkpoint, data, single, tmp_path, fsdp):
+    """torchrun with 2 gloo processes (batch 2 each) against 1 process (batch 4): the same weights, losses
+    (suffix and router) and gradient norms at every step, and the expert counts in metrics.jsonl and loss.png."""
+    two = torchrun(tmp_path, options(moe_checkpoint, data, tmp_path / "two", fsdp=fsdp))
+    assert_same_run(two, single)
+    rows = metrics(single)
+    for a, b in zip(rows, metrics(two), strict=True):
+        for key in ("router_balance_loss", "router_z_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), f"step {a['step']}: {key}"
+        assert a["expert_counts"] == b["expert_counts"]
+    counts = torch.tensor(rows[0]["expert_counts"])  # (sparse layers, experts): each real token twice per layer
+    assert counts.shape == (2, 4) and (counts.sum(1) == counts.sum(1)[0]).all() and counts.sum(1)[0] % 2 == 0
+    assert 1.0 < rows[0]["router_balance_loss"] < 4.0 and rows[0]["router_z_loss"] > 0
+    assert (single / "loss.png").stat().st_size > 1000
+
+
+def test_upcycle_command_writes_a_checkpoint_with_the_dense_logits(base, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert cli.main(["upcycle", str(base), str(out), "--experts", "4", "--top-k", "2", "--noise", "0.01"]) == 0
+    dense, moe = PaliGemma.from_pretrained(base).eval(), PaliGemma.from_pretrained(out).eval()
+    assert moe.config.text_config.router_jitter_noise == 0.01 and (out / "tokenizer.model").is_file()
+    processor = Processor.from_pretrained(out)
+    inputs = processor(images=[torch.zeros(3, 28, 28)], prompts=["caption en"])
+    with torch.no_grad():
+        assert_close(moe(**inputs).logits, dense(**inputs).logits, rel=1e-6)
+    capsys.readouterr()
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    experts = sum(p.numel() for name, p in moe.named_parameters() if ".experts." in name)
+    assert info["parameters"] == sum(p.numel() for p in moe.parameters())
+    assert info["active_parameters"] == info["parameters"] - experts // 2 and info["experts"].startswith("4 per")
+    assert cli.main(["upcycle", str(base), str(out)]) == 2
+    assert cli.main(["upcycle", str(out), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "is not an empty directory" in err and "already has a mixture-of-experts decoder" in err

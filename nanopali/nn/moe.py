@@ -140,3 +140,10 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.view(shape)
+
+
+def idle_expert_parameters(module: nn.Module) -> int:
+    """Expert parameters under `module` that one token does not use: E - k of the E experts of every SparseMoE
+    (total parameters minus this = the active parameters; on a meta-device model too)."""
+    return sum((m.num_experts - m.top_k) * (m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+               for m in module.modules() if isinstance(m, SparseMoE))

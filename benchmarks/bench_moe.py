@@ -1,0 +1,158 @@
+"""Benchmark one mixture-of-experts layer, forward + backward: nanopali's SparseMoE vs transformers' MixtralSparseMoeBlock
+(each of its expert implementations) and vs a dense GeGLU of the same active FLOPs.
+
+    python benchmarks/bench_moe.py                                   # the issue's size: 4096 tokens, E=8, k=2, D=2048, I=4096, bf16
+    python benchmarks/bench_moe.py --tokens 256 --hidden 256 --intermediate 512 --runs 2   # smoke check, seconds
+    python benchmarks/bench_moe.py --device cuda                     # on a GPU (nanopali takes torch._grouped_mm there)
+
+Every implementation gets the same weights (router (E, D), experts (E, 2I, D) and (E, D, I), drawn N(0, 0.02)), the
+same input x (tokens, D) ~ N(0, 1) and the same output gradient; one timed run is
+
+    y = layer(x); y.backward(grad); (parameter gradients set to None before the next run)
+
+Implementations: nanopali (nn/moe.SparseMoE: pairs sorted by expert, one GEMM pair per expert on its slice, or
+one torch._grouped_mm on CUDA bf16), transformers-eager / -grouped_mm / -batched_mm (MixtralSparseMoeBlock with
+that `experts_implementation`), dense (nanopali's GeGLU with intermediate size k·I: the same expert FLOPs per token,
+no routing). batched_mm copies each (token, expert) pair's weights, (k·tokens, 2I, D) elements: when that would
+exceed --batched-mm-gib it runs at --batched-mm-tokens tokens instead, against nanopali at the same count.
+
+Run 0 is a warm-up; the table shows medians and bests of the others, each implementation's ratio to nanopali
+and to dense, whether its output and input gradient agree with nanopali's (max difference over the output's
+scale), and the share of the CPUs other processes took meanwhile (/proc/stat; rerun when it is not near 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_generate import cpu_seconds, other_load
+
+from nanopali.nn.mlp import GeGLU
+from nanopali.nn.moe import SparseMoE
+
+IMPLEMENTATIONS = ("nanopali", "dense", "transformers-eager", "transformers-grouped_mm", "transformers-batched_mm")
+
+
+def build(name: str, args, weights: dict) -> torch.nn.Module:
+    """The layer `name` with the shared weights, in args.dtype on args.device."""
+    D, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
+    if name == "dense":
+        layer = GeGLU(D, k * I)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(weights["dense"][p.shape])
+    elif name == "nanopali":
+        layer = SparseMoE(D, I, E, k)
+        layer.gate.weight.data, layer.experts.gate_up_proj.data = weights["router"], weights["gate_up"]
+        layer.experts.down_proj.data = weights["down"]
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        config = MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k,
+                               hidden_act="gelu_pytorch_tanh", router_jitter_noise=0.0)
+        config._experts_implementation = name.split("-", 1)[1]
+        with torch.device("meta"):
+            layer = MixtralSparseMoeBlock(config)
+        layer.gate.weight = torch.nn.Parameter(weights["router"].clone())
+        layer.experts.gate_up_proj = torch.nn.Parameter(weights["gate_up"].clone())
+        layer.experts.down_proj = torch.nn.Parameter(weights["down"].clone())
+    return layer.to(device=args.device, dtype=args.dtype).train()
+
+
+def shared_weights(args) -> dict:
+    D, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
+    g = torch.Generator().manual_seed(0)
+    draw = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(args.dtype)  # noqa: E731
+    dense = {(k * I, D): draw(k * I, D), (D, k * I): draw(D, k * I)}  # gate_proj and up_proj share a shape
+    return {"router": draw(E, D), "gate_up": draw(E, 2 * I, D), "down": draw(E, D, I), "dense": dense}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, args) -> dict:
+    times, out = [], None
+    before = cpu_seconds()
+    start_all = time.perf_counter()
+    for run in range(args.runs + 1):
+        for p in layer.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        sync(args.device)
+        start = time.perf_counter()
+        y = layer(xi.view(1, *x.shape) if name.startswith("transformers") else xi).reshape(x.shape)
+        y.backward(grad)
+        sync(args.device)
+        if run:
+            times.append(time.perf_counter() - start)
+        out = (y.detach().float(), xi.grad.float())
+    load = other_load(before, cpu_seconds(), time.perf_counter() - start_all)
+    return {"median": statistics.median(times), "best": min(times), "out": out, "other_load": load}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    p.add_argument("--batched-mm-gib", type=float, default=4.0, help="largest per-pair weight copy batched_mm may make")
+    p.add_argument("--batched-mm-tokens", type=int, default=16, help="tokens for batched_mm when the copy is too big")
+    args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    weights = shared_weights(args)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, args.dtype)
+    grad = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, args.dtype)
+    E, k, D, I = args.experts, args.top_k, args.hidden, args.intermediate
+    print(f"MoE layer forward + backward: {args.tokens} tokens, E={E}, k={k}, D={D}, I={I}, {args.dtype}, "
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {}
+    for name in args.implementations:
+        tokens = args.tokens
+        copy_gib = k * tokens * 3 * I * D * x.element_size() / 2**30
+        if name == "transformers-batched_mm" and copy_gib > args.batched_mm_gib:
+            tokens = args.batched_mm_tokens
+            print(f"{name}: its per-pair weight copies would take {copy_gib:.0f} GiB at {args.tokens} tokens; "
+                  f"measured at {tokens} tokens, against nanopali at {tokens}")
+            small = measure("nanopali", build("nanopali", args, weights), x[:tokens], grad[:tokens], args)
+            results["nanopali@small"] = small
+        layer = build(name, args, weights)
+        results[name] = measure(name, layer, x[:tokens], grad[:tokens], args)
+        results[name]["tokens"] = tokens
+        del layer
+        r = results[name]
+        print(f"  {name:26s} {r['median']:8.3f} s (best {r['best']:.3f})  other processes {r['other_load']:.0f}%",
+              flush=True)
+    ours = results.get("nanopali")
+    print(f"\n| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
+          "difference vs nanopali | other CPU load |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if name == "nanopali@small":
+            continue
+        base = results["nanopali@small"] if r["tokens"] != args.tokens else ours
+        ratio = f"{r['median'] / base['median']:.2f}x" if base else "-"
+        dense = results.get("dense")
+        vs_dense = f"{r['median'] / dense['median']:.2f}x" if dense and r["tokens"] == args.tokens else "-"
+        agree = "-"
+        if base is not None and name != "dense":
+            diffs = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(r["out"], base["out"])]
+            agree = f"{diffs[0]:.1e} / {diffs[1]:.1e}"
+        print(f"| {name} | {r['tokens']} | {r['median']:.3f} | {r['best']:.3f} | {ratio} | {vs_dense} | {agree} | "
+              f"{r['other_load']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
