@@ -1,7 +1,7 @@
-"""Benchmark one mixture-of-experts layer, forward + backward: nanopali's SparseMoE vs transformers' MixtralSparseMoeBlock
-(each of its expert implementations) and vs a dense GeGLU of the same active FLOPs.
+"""Benchmark one mixture-of-experts layer, forward + backward: nanopali's SparseMoE vs transformers'
+MixtralSparseMoeBlock (each of its expert implementations) and vs a dense GeGLU of the same active FLOPs.
 
-    python benchmarks/bench_moe.py                                   # the issue's size: 4096 tokens, E=8, k=2, D=2048, I=4096, bf16
+    python benchmarks/bench_moe.py                 # the issue's size: 4096 tokens, E=8, k=2, D=2048, I=4096, bf16
     python benchmarks/bench_moe.py --tokens 256 --hidden 256 --intermediate 512 --runs 2   # smoke check, seconds
     python benchmarks/bench_moe.py --device cuda                     # on a GPU (nanopali takes torch._grouped_mm there)
 
@@ -38,20 +38,20 @@ IMPLEMENTATIONS = ("nanopali", "dense", "transformers-eager", "transformers-grou
 
 def build(name: str, args, weights: dict) -> torch.nn.Module:
     """The layer `name` with the shared weights, in args.dtype on args.device."""
-    D, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
+    D, inter, E, k = args.hidden, args.intermediate, args.experts, args.top_k
     if name == "dense":
-        layer = GeGLU(D, k * I)
+        layer = GeGLU(D, k * inter)
         with torch.no_grad():
             for p in layer.parameters():
                 p.copy_(weights["dense"][p.shape])
     elif name == "nanopali":
-        layer = SparseMoE(D, I, E, k)
+        layer = SparseMoE(D, inter, E, k)
         layer.gate.weight.data, layer.experts.gate_up_proj.data = weights["router"], weights["gate_up"]
         layer.experts.down_proj.data = weights["down"]
     else:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-        config = MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k,
+        config = MixtralConfig(hidden_size=D, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=k,
                                hidden_act="gelu_pytorch_tanh", router_jitter_noise=0.0)
         config._experts_implementation = name.split("-", 1)[1]
         with torch.device("meta"):
@@ -63,11 +63,11 @@ def build(name: str, args, weights: dict) -> torch.nn.Module:
 
 
 def shared_weights(args) -> dict:
-    D, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
+    D, inter, E, k = args.hidden, args.intermediate, args.experts, args.top_k
     g = torch.Generator().manual_seed(0)
     draw = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(args.dtype)  # noqa: E731
-    dense = {(k * I, D): draw(k * I, D), (D, k * I): draw(D, k * I)}  # gate_proj and up_proj share a shape
-    return {"router": draw(E, D), "gate_up": draw(E, 2 * I, D), "down": draw(E, D, I), "dense": dense}
+    dense = {(k * inter, D): draw(k * inter, D), (D, k * inter): draw(D, k * inter)}  # gate and up share a shape
+    return {"router": draw(E, D), "gate_up": draw(E, 2 * inter, D), "down": draw(E, D, inter), "dense": dense}
 
 
 def sync(device: str) -> None:
@@ -115,13 +115,13 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, args.dtype)
     grad = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, args.dtype)
-    E, k, D, I = args.experts, args.top_k, args.hidden, args.intermediate
-    print(f"MoE layer forward + backward: {args.tokens} tokens, E={E}, k={k}, D={D}, I={I}, {args.dtype}, "
+    E, k, D, inter = args.experts, args.top_k, args.hidden, args.intermediate
+    print(f"MoE layer forward + backward: {args.tokens} tokens, E={E}, k={k}, D={D}, I={inter}, {args.dtype}, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
     for name in args.implementations:
         tokens = args.tokens
-        copy_gib = k * tokens * 3 * I * D * x.element_size() / 2**30
+        copy_gib = k * tokens * 3 * inter * D * x.element_size() / 2**30
         if name == "transformers-batched_mm" and copy_gib > args.batched_mm_gib:
             tokens = args.batched_mm_tokens
             print(f"{name}: its per-pair weight copies would take {copy_gib:.0f} GiB at {args.tokens} tokens; "
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         print(f"  {name:26s} {r['median']:8.3f} s (best {r['best']:.3f})  other processes {r['other_load']:.0f}%",
               flush=True)
     ours = results.get("nanopali")
-    print(f"\n| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
+    print("\n| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
           "difference vs nanopali | other CPU load |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -10,19 +10,19 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hf_reference import EOS, IMAGE_TOKEN, batch, hf_logits
+from hf_reference import EOS, batch
 from moe_reference import CASES, hf_moe_model, record_router_logits, save
 from test_distributed import assert_same_run, metrics, options, torchrun
-from test_generate import hf_generate, prompts, until_eos
+from test_generate import assert_cached_decoding_equals_forward, hf_generate, prompts, until_eos
 from test_loss import with_labels
 from test_model import assert_close
+from test_model import test_logits_match_transformers_with_padding_and_suffix as assert_logits_match
 from test_train import base, data  # noqa: F401  (fixtures)
 from tiny_checkpoint import tiny_config, write_tiny_checkpoint
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from nanopali import PaliGemma, Processor, cli, generate, prepare
 from nanopali.config import MOE_FIELDS, ConfigError, PaliGemmaConfig
-from nanopali.inference.decode import prefill
 from nanopali.io.hf_checkpoint import canonical_key
 from nanopali.nn.losses import router_losses
 from nanopali.nn.mlp import GeGLU
@@ -45,15 +45,9 @@ def generation_pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers_moe_blocks(pair):
-    hf, ours, cfg = pair
-    inputs = batch(cfg)
-    ref = hf_logits(hf, inputs)
-    with torch.no_grad():
-        logits = ours(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert_close(logits[valid], ref[valid])
-    t = ours.config.text_config
-    assert [type(layer.mlp) for layer in ours.decoder.layers] == [
+    assert_logits_match(pair)  # test_model's check: 1e-4 of the logit scale, padded batch with a suffix
+    t = pair[1].config.text_config
+    assert [type(layer.mlp) for layer in pair[1].decoder.layers] == [
         SparseMoE if t.moe_layers is None or i in t.moe_layers else GeGLU for i in range(t.num_hidden_layers)]
 
 
@@ -66,18 +60,8 @@ def test_greedy_and_beams_equal_transformers_and_cached_decoding_equals_the_forw
     assert any(row[-1] == EOS for row in rows) and len({t for row in rows for t in row}) > 6
     beams = generate(ours, **inputs, max_new_tokens=10, num_beams=2)
     assert until_eos(beams) == until_eos(hf_generate(hf, inputs, max_new_tokens=10, num_beams=2, do_sample=False))
-    with torch.no_grad():  # every decode step (batched, then batch 1) against the full forward
-        for rows_of in (slice(None), slice(1, 2)):
-            part = {k: v[rows_of] for k, v in inputs.items()}
-            logits, state = prefill(ours, **part, max_new_tokens=6)
-            ids, am, tt = part["input_ids"], part["attention_mask"], part["token_type_ids"]
-            for _ in range(6):
-                full = ours(ids, part["pixel_values"], am, tt).logits[:, -1]
-                torch.testing.assert_close(logits, full, rtol=0, atol=1e-5 * full.abs().max().item())
-                token = logits[:, :IMAGE_TOKEN].argmax(-1)
-                ids, am, tt = (torch.cat([t, v[:, None]], 1) for t, v in ((ids, token), (am, torch.ones_like(token)),
-                                                                          (tt, torch.ones_like(token))))
-                logits = state.step(ours, token)
+    for rows_of in (slice(None), slice(1, 2)):  # every decode step, batched and batch 1, against the forward
+        assert_cached_decoding_equals_forward(ours, {k: v[rows_of] for k, v in inputs.items()}, steps=6)
 
 
 def test_router_losses_and_every_gradient_equal_transformers(pair):

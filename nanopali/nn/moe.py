@@ -48,14 +48,15 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_
     """Σ_j weights[n, j] · expert_{experts[n, j]}(x[n]) for every row n of x (N, D), dropless.
 
     The N·k (row, expert) pairs are sorted by expert; then either `expert_fn(e, rows)` runs once per expert that
-    has rows, on its contiguous slice, or `grouped(rows (S, D), offsets int32 (E,))` runs all of them at once.
+    has rows, on its contiguous slice (the slice sizes come to the host), or `grouped(rows (S, D), offsets int32
+    (E,))` runs all of them at once with no host sync (a decode step can then be captured in a CUDA graph).
     Each output is weighted in fp32 and rounded to x's dtype (as transformers), and a row's k outputs are added
     in fp32 in a fixed order (no atomics: deterministic on GPUs too)."""
     N, k = experts.shape
     flat = experts.reshape(-1)                                                    # (N·k,)
     order = flat.argsort(stable=True)                                             # pairs, by expert
     rows = x[order // k]                                                          # (N·k, D)
-    counts = torch.bincount(flat, minlength=num_experts)                          # (E,)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     if grouped is not None:
         out = grouped(rows, counts.cumsum(0, dtype=torch.int32))
     else:
