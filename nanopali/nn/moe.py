@@ -67,10 +67,11 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_
     return unsorted.view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 
-def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM is the fast path here: CUDA, bf16, compute capability >= 8.0 (on the CPU a
-    loop over the experts is faster; BENCHMARKS.md)."""
-    return (x.device.type == "cuda" and x.dtype == weight.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM is the fast path for activations x: CUDA, bf16 (weights in bf16, or fp32
+    under autocast: cast as autocast casts F.linear's), compute capability >= 8.0. On the CPU a loop over the
+    experts is faster (BENCHMARKS.md)."""
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
@@ -85,7 +86,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), expert ids (N, k), fp32 weights (N, k) -> (N, D)."""
-        if grouped_mm_available(x, self.gate_up_proj):
+        if grouped_mm_available(x):
             return dispatch(x, experts, weights, self.num_experts, grouped=self._grouped)
         # unbind once: its backward stacks the experts' gradients into one tensor, where indexing the
         # parameter per expert would allocate a full-size zero gradient for each expert
@@ -94,8 +95,10 @@ class Experts(nn.Module):
                         lambda e, rows: F.linear(_geglu(F.linear(rows, gate_up[e])), down[e]))
 
     def _grouped(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        h = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)     # (S, 2I)
-        return torch._grouped_mm(_geglu(h), self.down_proj.transpose(1, 2), offs=offsets)  # (S, D)
+        """All experts at once: rows (S, D) sorted by expert, offsets int32 (E,) -> (S, D) in rows' dtype."""
+        gate_up, down = (w.to(rows.dtype).transpose(1, 2) for w in (self.gate_up_proj, self.down_proj))
+        h = torch._grouped_mm(rows, gate_up, offs=offsets)                                  # (S, 2I)
+        return torch._grouped_mm(_geglu(h), down, offs=offsets)                             # (S, D)
 
     def extra_repr(self) -> str:
         E, two_i, D = self.gate_up_proj.shape

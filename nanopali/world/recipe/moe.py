@@ -16,13 +16,17 @@ examples in the same order for the same steps, with the same options (only the d
               per-patch auxiliary loss) on scenes no earlier cycle saw.
 
 Each run is scored on SCORE_SCENES fresh scenes of a world seed used nowhere else (SEEDS["score"]) with all
-eight metrics of the default model (world/eval.py). The ship stage copies the better upcycled or scratch
-MoE, if it beats its dense twin, to nanopali/world/moe_model (`nanopali caption --model moe ...`).
+eight metrics of the default model (world/eval.py). Both runs of a pair answer the same examples, so they are
+compared example by example (`paired`): per task, the examples where one run scores higher than the other,
+and a two-sided sign test over them. Decided before the scores were seen: an MoE is shipped (the ship stage,
+to nanopali/world/moe_model, `nanopali caption --model moe ...`) only if it beats its dense twin at p < 0.05
+on captions or on all VQA questions together, and is worse at p < 0.05 on no task.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -47,7 +51,7 @@ NEW_SCENES = (150000, 20000)                        # scenes 150000-169999 of th
 SCORE_SCENES = 1000
 MOE = dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01)
 SCRATCH_MOE = dict(MOE, moe_intermediate_size=512)  # 2 active experts of 512 = the dense MLP's 1024
-SCRATCH = {**TRAIN, "steps": 500, "warmup_steps": 50, "save_every": 100, "seed": SEEDS["init"]}  # cycle 1's, shorter
+SCRATCH = {**TRAIN, "steps": 300, "warmup_steps": 30, "save_every": 50, "seed": SEEDS["init"]}  # cycle 1's, shorter
 UPCYCLE = {**MORE[-1], "steps": 250, "warmup_steps": 25, "save_every": 50, "seed": 13, "data": "new",
            "note": "from the shipped default model (bf16 weights), fresh auxiliary heads"}
 RUNS = {"scratch-dense": ("init-dense", SCRATCH), "scratch-moe": ("init-moe", SCRATCH),
@@ -113,7 +117,8 @@ def stage_train(work: Path, run: str) -> Path:
 
 
 def stage_score(work: Path, run: str) -> dict:
-    """World metrics of a run's last checkpoint on SCORE_SCENES scenes of SEEDS["score"] (WORK/scores.json)."""
+    """World metrics of a run's last checkpoint on SCORE_SCENES scenes of SEEDS["score"] (WORK/scores.json; every
+    answer in WORK/records-<run>.json)."""
     file = work / "scores.json"
     scores = json.loads(file.read_text()) if file.is_file() else {}
     if run not in scores:
@@ -121,7 +126,9 @@ def stage_score(work: Path, run: str) -> dict:
         if source is None:
             raise SystemExit(f"{run} has not finished training: run its train stage first")
         start = time.perf_counter()
-        metrics = evaluate_world(nanopali.load(source), n_scenes=SCORE_SCENES, seed=SEEDS["score"], size=IMAGE_SIZE)
+        metrics, records = evaluate_world(nanopali.load(source), n_scenes=SCORE_SCENES, seed=SEEDS["score"],
+                                          size=IMAGE_SIZE, return_records=True)
+        (work / f"records-{run}.json").write_text(json.dumps(records))  # every answer: paired comparisons
         scores = json.loads(file.read_text()) if file.is_file() else {}  # another run may have written meanwhile
         scores[run] = {"checkpoint": str(source.relative_to(work)), "seconds": time.perf_counter() - start, **metrics}
         file.write_text(json.dumps(scores, indent=1))
@@ -163,6 +170,27 @@ def comparison(work: Path) -> str:
         cells = [run, *values, f"{total / 1e6:.1f} M / {active / 1e6:.1f} M", balance, f"{speed:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided p-value of `wins` against `losses` when either is equally likely (exact binomial)."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired(work: Path, pair: str) -> dict[str, tuple[int, int, float]]:
+    """Per task ("vqa" = every question): (examples the MoE scores higher on, examples the dense twin scores
+    higher on, sign-test p) over the examples both runs of `pair` answered (WORK/records-<run>.json)."""
+    moe, dense = (json.loads((work / f"records-{pair}-{kind}.json").read_text()) for kind in ("moe", "dense"))
+    if [(r["scene"], r["prefix"]) for r in moe] != [(r["scene"], r["prefix"]) for r in dense]:
+        raise ValueError(f"the two runs of {pair} were not scored on the same examples")
+    out = {}
+    for task in sorted({r["task"] for r in moe} | {"vqa"}):
+        rows = [(a["score"], b["score"]) for a, b in zip(moe, dense, strict=True)
+                if (a["task"] == task or task == "vqa" and a["task"].startswith("vqa/"))]
+        wins, losses = sum(a > b for a, b in rows), sum(a < b for a, b in rows)
+        out[task] = (wins, losses, sign_test(wins, losses))
+    return out
 
 
 def stage_ship(work: Path, pair: str) -> Path:
