@@ -126,8 +126,9 @@ def stage_score(work: Path, run: str) -> dict:
         if source is None:
             raise SystemExit(f"{run} has not finished training: run its train stage first")
         start = time.perf_counter()
-        metrics, records = evaluate_world(nanopali.load(source), n_scenes=SCORE_SCENES, seed=SEEDS["score"],
-                                          size=IMAGE_SIZE, return_records=True)
+        pali = nanopali.load(source, vae=DEFAULT_MODEL_DIR / CHECKPOINT_NAME)  # checkpoints carry no VQ-VAE
+        metrics, records = evaluate_world(pali, n_scenes=SCORE_SCENES, seed=SEEDS["score"], size=IMAGE_SIZE,
+                                          return_records=True)
         (work / f"records-{run}.json").write_text(json.dumps(records))  # every answer: paired comparisons
         scores = json.loads(file.read_text()) if file.is_file() else {}  # another run may have written meanwhile
         scores[run] = {"checkpoint": str(source.relative_to(work)), "seconds": time.perf_counter() - start, **metrics}
@@ -181,12 +182,13 @@ def sign_test(wins: int, losses: int) -> float:
 def paired(work: Path, pair: str) -> dict[str, tuple[int, int, float]]:
     """Per task ("vqa" = every question): (examples the MoE scores higher on, examples the dense twin scores
     higher on, sign-test p) over the examples both runs of `pair` answered (WORK/records-<run>.json)."""
-    moe, dense = (json.loads((work / f"records-{pair}-{kind}.json").read_text()) for kind in ("moe", "dense"))
-    if [(r["scene"], r["prefix"]) for r in moe] != [(r["scene"], r["prefix"]) for r in dense]:
+    moe, dense = ({(r["scene"], r["prefix"]): r for r in json.loads((work / f"records-{pair}-{kind}.json").read_text())}
+                  for kind in ("moe", "dense"))
+    if moe.keys() != dense.keys():
         raise ValueError(f"the two runs of {pair} were not scored on the same examples")
     out = {}
-    for task in sorted({r["task"] for r in moe} | {"vqa"}):
-        rows = [(a["score"], b["score"]) for a, b in zip(moe, dense, strict=True)
+    for task in sorted({r["task"] for r in moe.values()} | {"vqa"}):
+        rows = [(a["score"], dense[key]["score"]) for key, a in moe.items()
                 if (a["task"] == task or task == "vqa" and a["task"].startswith("vqa/"))]
         wins, losses = sum(a > b for a, b in rows), sum(a < b for a, b in rows)
         out[task] = (wins, losses, sign_test(wins, losses))
