@@ -2,8 +2,9 @@
 
 The default is a small PaliGemma trained on nanopali's toy shapes world (nanopali/world/); it knows only
 that world. The environment variable NANOPALI_DEFAULT_MODEL, when set, names another directory to use instead.
-The shipped models also have names that `--model` / `nanopali.load(path)` take (`SHIPPED`): "default", and
-"moe" for the mixture-of-experts model of the same world; a directory of that name, where one exists, wins.
+`--model` / `nanopali.load(path)` also take the names in NAMED: "moe", the folder a mixture-of-experts model of
+the same world is shipped in when one beats the dense model (scripts/make_moe_model.py; none does yet, see
+BENCHMARKS.md); a directory of that name, where one exists, wins.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from nanopali.errors import MissingFileError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "world" / "default_model"  # a data folder: nothing is imported from world/
 MOE_MODEL_DIR = Path(__file__).parent / "world" / "moe_model"
-SHIPPED = {"default": DEFAULT_MODEL_DIR, "moe": MOE_MODEL_DIR}
+NAMED = {"moe": MOE_MODEL_DIR}  # models that --model names, where they ship
 ENV_VAR = "NANOPALI_DEFAULT_MODEL"
 
 
@@ -32,10 +33,14 @@ def default_model_dir() -> Path:
 
 
 def model_dir(path: str | Path | None) -> Path:
-    """The checkpoint directory `path` names: None is the default model (default_model_dir), a shipped model's
-    name (SHIPPED) its folder unless a path of that name exists, anything else the path itself."""
+    """The checkpoint directory `path` names: None is the default model (default_model_dir), a name in NAMED its
+    folder (an error when that model is not shipped) unless a path of that name exists, anything else the path."""
     if path is None:
         return default_model_dir()
-    if str(path) in SHIPPED and not Path(path).exists():
-        return SHIPPED[str(path)]
-    return Path(path)
+    name = str(path)
+    if name not in NAMED or Path(path).exists():
+        return Path(path)
+    if not (NAMED[name] / "config.json").is_file():
+        raise MissingFileError(f"no {name!r} model ships with this nanopali (nothing at {NAMED[name]}; BENCHMARKS.md, "
+                               f"'Mixture of experts', says why); pass a checkpoint directory")
+    return NAMED[name]

@@ -65,8 +65,8 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
          vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
 
-    path=None loads the shipped default model, a small PaliGemma of the toy shapes world; "moe" its
-    mixture-of-experts twin (paths.py: a directory of that name wins).
+    path=None loads the shipped default model, a small PaliGemma of the toy shapes world; a name of
+    paths.NAMED (e.g. "moe") the model shipped under it, if any (a directory of that name wins).
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
     `dtype` may be named ("bfloat16", "bf16", "float32"…); `device` and `dtype` are checked before any file is

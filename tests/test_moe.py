@@ -308,3 +308,13 @@ def test_upcycle_command_writes_a_checkpoint_with_the_dense_logits(base, tmp_pat
     assert cli.main(["upcycle", str(out), str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
     assert "is not an empty directory" in err and "already has a mixture-of-experts decoder" in err
+
+
+def test_the_moe_name_says_that_no_moe_model_ships(tmp_path, capsys, monkeypatch):
+    """`--model moe` names the shipped mixture-of-experts model; none ships (BENCHMARKS.md), which it says."""
+    from nanopali.paths import MOE_MODEL_DIR
+    if (MOE_MODEL_DIR / "config.json").is_file():
+        pytest.skip("a mixture-of-experts model ships with this checkout")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["caption", "image.png", "--model", "moe"]) == 2
+    assert "no 'moe' model ships with this nanopali" in capsys.readouterr().err

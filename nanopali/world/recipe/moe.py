@@ -136,11 +136,11 @@ def stage_score(work: Path, run: str) -> dict:
     return scores[run]
 
 
-def expert_load(work: Path, run: str, last: int = 100) -> list[float]:
-    """Per sparse layer: the busiest expert's tokens / the mean over the experts, over the run's last `last`
-    steps of metrics.jsonl (1.0 = perfectly balanced)."""
-    rows = [json.loads(x) for x in (work / run / "metrics.jsonl").read_text().splitlines()]
-    counts = np.sum([r["expert_counts"] for r in rows if "expert_counts" in r][-last:], axis=0)  # (L, E)
+def expert_load(work: Path, run: str, steps: int = 100) -> list[float]:
+    """Per sparse layer: the busiest expert's tokens / the mean over the experts, over the run's last `steps`
+    steps (metrics.jsonl's expert_counts; 1.0 = perfectly balanced)."""
+    rows = [r for r in map(json.loads, (work / run / "metrics.jsonl").read_text().splitlines()) if "expert_counts" in r]
+    counts = np.sum([r["expert_counts"] for r in rows if r["step"] > rows[-1]["step"] - steps], axis=0)  # (L, E)
     return [float(c.max() / c.mean()) for c in counts]
 
 
