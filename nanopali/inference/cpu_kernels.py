@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from nanopali.models.gemma import TiedEmbedding
 from nanopali.models.paligemma import PaliGemma
 from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
-from nanopali.nn.moe import Experts, dispatch
+from nanopali.nn.moe import Experts, dispatch, grouped_experts, grouped_mm_available
 from nanopali.nn.norms import RMSNorm, rms_norm
 
 MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
@@ -341,7 +341,8 @@ class FastGeluMLP(nn.Module):
 
 class FastExperts(nn.Module):
     """Mixture-of-experts Experts whose products take the kernels: each expert's rows through `kernels.linear` (a
-    decoded token's expert is a one-row product), gelu(gate)·up fused. With the float Experts' own parameters,
+    decoded token's expert is a one-row product), gelu(gate)·up fused; float bf16 weights on more than one row
+    (a prefill) take the grouped GEMM, as Experts does. With the float Experts' own parameters,
     or with `quantized` buffers from quantize.py: gate_up_proj / down_proj int8 (E, N, K) with fp32 row scales
     gate_up_scale / down_scale (E, N), or int4 packed uint8 (E, N, K / 2) with their (E, K / G, N, 2) scales
     and zeros."""
@@ -362,6 +363,10 @@ class FastExperts(nn.Module):
         return self.kernels.linear(rows, weight, scale)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_scale is None and x.shape[0] > 1 and grouped_mm_available(x):  # float, more than a row
+            return dispatch(x, experts, weights, self.num_experts,
+                            grouped=lambda rows, offsets: grouped_experts(rows, offsets, self.gate_up_proj,
+                                                                          self.down_proj))
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         gate_up_scale, down_scale = ([None] * self.num_experts if s is None else s.unbind(0)
                                      for s in (self.gate_up_scale, self.down_scale))

@@ -12,12 +12,13 @@ Qwen2-MoE's shared expert adds sigmoid(shared_expert_gate(x))·shared_expert(x) 
 Parameters are transformers 5.x's fused layout, so checkpoints load with the same strict plumbing:
 `gate.weight` (E, D), `experts.gate_up_proj` (E, 2I, D) = [gate; up] rows, `experts.down_proj` (E, D, I).
 Dispatch is dropless and has no per-token loop: the (token, expert) pairs are sorted by expert, each expert
-runs once on its contiguous slice (one torch._grouped_mm for all of them on CUDA in bf16, compute capability
->= 8.0), and the k weighted outputs of each token are summed in fp32. Every expert's weights are one tensor, so
-an expert that gets no token still gets a (zero) gradient: DDP sees no unused parameter.
+runs once on its contiguous slice (in bf16 one torch._grouped_mm runs all of them, on the CPU and on CUDA GPUs
+of compute capability >= 8.0), and the k weighted outputs of each token are summed in fp32. Every expert's
+weights are one tensor, so an expert that gets no token still gets a (zero) gradient: DDP sees no unused
+parameter.
 
 `router_logits` holds the logits the last forward routed with (noise included), for the training losses
-(nn/losses.py: load_balancing_loss, router_z_loss); models/paligemma.py collects them.
+(nn/losses.router_losses); models/paligemma.py collects them.
 """
 
 from __future__ import annotations
@@ -68,11 +69,20 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM is the fast path for activations x: CUDA, bf16 (weights in bf16, or fp32
-    under autocast: cast as autocast casts F.linear's), compute capability >= 8.0. On the CPU a loop over the
-    experts is faster (BENCHMARKS.md)."""
-    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    """Whether torch's grouped GEMM takes activations x: bf16 (weights in bf16, or fp32 under autocast, cast as
+    autocast casts F.linear's) on the CPU or on a CUDA GPU of compute capability >= 8.0. There it is faster than a
+    loop over the experts, forward + backward (BENCHMARKS.md); fp32 takes the loop."""
+    if x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type == "cpu" or x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def grouped_experts(rows: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """Every GeGLU expert at once: rows (S, D) sorted by expert, int32 offsets (E,), gate_up (E, 2I, D) and down
+    (E, D, I) -> (S, D) in rows' dtype: two torch._grouped_mm calls."""
+    gate_up, down = (w.to(rows.dtype).transpose(1, 2) for w in (gate_up, down))
+    return torch._grouped_mm(_geglu(torch._grouped_mm(rows, gate_up, offs=offsets)), down, offs=offsets)
 
 
 class Experts(nn.Module):
@@ -95,10 +105,7 @@ class Experts(nn.Module):
                         lambda e, rows: F.linear(_geglu(F.linear(rows, gate_up[e])), down[e]))
 
     def _grouped(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """All experts at once: rows (S, D) sorted by expert, offsets int32 (E,) -> (S, D) in rows' dtype."""
-        gate_up, down = (w.to(rows.dtype).transpose(1, 2) for w in (self.gate_up_proj, self.down_proj))
-        h = torch._grouped_mm(rows, gate_up, offs=offsets)                                  # (S, 2I)
-        return torch._grouped_mm(_geglu(h), down, offs=offsets)                             # (S, D)
+        return grouped_experts(rows, offsets, self.gate_up_proj, self.down_proj)
 
     def extra_repr(self) -> str:
         E, two_i, D = self.gate_up_proj.shape
