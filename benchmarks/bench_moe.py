@@ -16,9 +16,11 @@ that `experts_implementation`), dense (nanopali's GeGLU with intermediate size k
 no routing). batched_mm copies each (token, expert) pair's weights, (k·tokens, 2I, D) elements: when that would
 exceed --batched-mm-gib it runs at --batched-mm-tokens tokens instead, against nanopali at the same count.
 
-Run 0 is a warm-up; the table shows medians and bests of the others, each implementation's ratio to nanopali
-and to dense, whether its output and input gradient agree with nanopali's (max difference over the output's
-scale), and the share of the CPUs other processes took meanwhile (/proc/stat; rerun when it is not near 0).
+The runs of all implementations are interleaved (run 1 of each, then run 2 of each, ...), so that a neighbour's
+load on a shared machine falls on all of them alike; run 0 is a warm-up. The table shows medians and bests of
+the others, each implementation's ratio to nanopali and to dense, whether its output and input gradient agree
+with nanopali's (max difference over the output's scale), and the share of the CPUs other processes took
+meanwhile (/proc/stat; rerun when it is not near 0).
 """
 
 from __future__ import annotations
@@ -75,24 +77,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, args) -> dict:
-    times, out = [], None
-    before = cpu_seconds()
-    start_all = time.perf_counter()
-    for run in range(args.runs + 1):
-        for p in layer.parameters():
-            p.grad = None
-        xi = x.clone().requires_grad_()
-        sync(args.device)
-        start = time.perf_counter()
-        y = layer(xi.view(1, *x.shape) if name.startswith("transformers") else xi).reshape(x.shape)
-        y.backward(grad)
-        sync(args.device)
-        if run:
-            times.append(time.perf_counter() - start)
-        out = (y.detach().float(), xi.grad.float())
-    load = other_load(before, cpu_seconds(), time.perf_counter() - start_all)
-    return {"median": statistics.median(times), "best": min(times), "out": out, "other_load": load}
+def one_run(name: str, layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: str):
+    """(seconds of one forward + backward, (output, input gradient) in fp32)."""
+    for p in layer.parameters():
+        p.grad = None
+    xi = x.clone().requires_grad_()
+    sync(device)
+    start = time.perf_counter()
+    y = layer(xi.view(1, *x.shape) if name.startswith("transformers") else xi).reshape(x.shape)
+    y.backward(grad)
+    sync(device)
+    return time.perf_counter() - start, (y.detach().float(), xi.grad.float())
 
 
 def main(argv=None) -> None:
@@ -118,40 +113,44 @@ def main(argv=None) -> None:
     E, k, D, inter = args.experts, args.top_k, args.hidden, args.intermediate
     print(f"MoE layer forward + backward: {args.tokens} tokens, E={E}, k={k}, D={D}, I={inter}, {args.dtype}, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results = {}
+    # (label, implementation, tokens); the runs of all of them are interleaved, so that a neighbour's load on a
+    # shared machine falls on every implementation alike
+    cases = []
     for name in args.implementations:
-        tokens = args.tokens
-        copy_gib = k * tokens * 3 * inter * D * x.element_size() / 2**30
+        copy_gib = k * args.tokens * 3 * inter * D * x.element_size() / 2**30
         if name == "transformers-batched_mm" and copy_gib > args.batched_mm_gib:
-            tokens = args.batched_mm_tokens
             print(f"{name}: its per-pair weight copies would take {copy_gib:.0f} GiB at {args.tokens} tokens; "
-                  f"measured at {tokens} tokens, against nanopali at {tokens}")
-            small = measure("nanopali", build("nanopali", args, weights), x[:tokens], grad[:tokens], args)
-            results["nanopali@small"] = small
-        layer = build(name, args, weights)
-        results[name] = measure(name, layer, x[:tokens], grad[:tokens], args)
-        results[name]["tokens"] = tokens
-        del layer
-        r = results[name]
-        print(f"  {name:26s} {r['median']:8.3f} s (best {r['best']:.3f})  other processes {r['other_load']:.0f}%",
-              flush=True)
-    ours = results.get("nanopali")
-    print("\n| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
-          "difference vs nanopali | other CPU load |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        if name == "nanopali@small":
+                  f"measured at {args.batched_mm_tokens} tokens, against nanopali at that count")
+            cases += [("nanopali@small", "nanopali", args.batched_mm_tokens), (name, name, args.batched_mm_tokens)]
+        else:
+            cases.append((name, name, args.tokens))
+    layers = {label: build(name, args, weights) for label, name, _ in cases}
+    times = {label: [] for label, _, _ in cases}
+    outs = {}
+    before, start = cpu_seconds(), time.perf_counter()
+    for run in range(args.runs + 1):
+        for label, name, tokens in cases:
+            seconds, outs[label] = one_run(name, layers[label], x[:tokens], grad[:tokens], args.device)
+            if run:  # run 0 is a warm-up
+                times[label].append(seconds)
+    load = other_load(before, cpu_seconds(), time.perf_counter() - start)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    print(f"other processes took {load:.0f}% of the CPUs meanwhile\n")
+    print("| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
+          "difference vs nanopali |")
+    print("|---|---|---|---|---|---|---|")
+    for label, name, tokens in cases:
+        if label == "nanopali@small":
             continue
-        base = results["nanopali@small"] if r["tokens"] != args.tokens else ours
-        ratio = f"{r['median'] / base['median']:.2f}x" if base else "-"
-        dense = results.get("dense")
-        vs_dense = f"{r['median'] / dense['median']:.2f}x" if dense and r["tokens"] == args.tokens else "-"
+        base = "nanopali@small" if tokens != args.tokens else "nanopali"
+        ratio = f"{median[label] / median[base]:.2f}x" if base in median else "-"
+        vs_dense = f"{median[label] / median['dense']:.2f}x" if "dense" in median and tokens == args.tokens else "-"
         agree = "-"
-        if base is not None and name != "dense":
-            diffs = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(r["out"], base["out"])]
+        if base in outs and name != "dense":
+            diffs = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(outs[label], outs[base])]
             agree = f"{diffs[0]:.1e} / {diffs[1]:.1e}"
-        print(f"| {name} | {r['tokens']} | {r['median']:.3f} | {r['best']:.3f} | {ratio} | {vs_dense} | {agree} | "
-              f"{r['other_load']:.0f}% |")
+        best = min(times[label])
+        print(f"| {label} | {tokens} | {median[label]:.3f} | {best:.3f} | {ratio} | {vs_dense} | {agree} |")
 
 
 if __name__ == "__main__":
