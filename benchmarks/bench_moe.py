@@ -4,6 +4,7 @@ MixtralSparseMoeBlock (each of its expert implementations) and vs a dense GeGLU 
     python benchmarks/bench_moe.py                 # the issue's size: 4096 tokens, E=8, k=2, D=2048, I=4096, bf16
     python benchmarks/bench_moe.py --tokens 256 --hidden 256 --intermediate 512 --runs 2   # smoke check, seconds
     python benchmarks/bench_moe.py --device cuda                     # on a GPU (nanopali takes torch._grouped_mm there)
+    python benchmarks/bench_moe.py --models DENSE_DIR MOE_DIR ...    # whole checkpoints: training step and decode
 
 Every implementation gets the same weights (router (E, D), experts (E, 2I, D) and (E, D, I), drawn N(0, 0.02)), the
 same input x (tokens, D) ~ N(0, 1) and the same output gradient; one timed run is
@@ -15,6 +16,11 @@ one torch._grouped_mm on CUDA bf16), transformers-eager / -grouped_mm / -batched
 that `experts_implementation`), dense (nanopali's GeGLU with intermediate size k·I: the same expert FLOPs per token,
 no routing). batched_mm copies each (token, expert) pair's weights, (k·tokens, 2I, D) elements: when that would
 exceed --batched-mm-gib it runs at --batched-mm-tokens tokens instead, against nanopali at the same count.
+
+--models times whole checkpoints instead, interleaved the same way: a training step (bench_train.py's batch of
+--batch examples, fp32 weights, bf16 autocast, forward + backward + AdamW step) -> examples/s, and greedy decoding
+at batch 1 (bench_generate.py's prompt, bf16 weights, prepare()'s default CPU kernels, --new-tokens steps after the
+prefill) -> tokens/s; with each model's parameters, total and active (k of the E experts per token).
 
 The runs of all implementations are interleaved (run 1 of each, then run 2 of each, ...), so that a neighbour's
 load on a shared machine falls on all of them alike; run 0 is a warm-up. The table shows medians and bests of
@@ -33,7 +39,7 @@ import torch
 from bench_generate import cpu_seconds, other_load
 
 from nanopali.nn.mlp import GeGLU
-from nanopali.nn.moe import SparseMoE
+from nanopali.nn.moe import SparseMoE, idle_expert_parameters
 
 IMPLEMENTATIONS = ("nanopali", "dense", "transformers-eager", "transformers-grouped_mm", "transformers-batched_mm")
 
@@ -90,6 +96,57 @@ def one_run(name: str, layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tens
     return time.perf_counter() - start, (y.detach().float(), xi.grad.float())
 
 
+def bench_models(args) -> None:
+    """Training examples/s and batch-1 decode tokens/s of whole checkpoints, their runs interleaved."""
+    from bench_generate import make_inputs
+    from bench_train import make_batch
+
+    from nanopali import PaliGemma, PaliGemmaConfig, prepare
+    from nanopali.inference.decode import prefill
+
+    models = {}
+    for path in args.models:
+        config = PaliGemmaConfig.from_pretrained(path)
+        train = PaliGemma.from_pretrained(path, dtype=torch.float32).train()
+        decode = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
+        total = sum(p.numel() for p in train.parameters())
+        models[path] = dict(train=train, opt=torch.optim.AdamW(train.parameters(), lr=1e-5),
+                            batch=make_batch(config, args.batch), decode=decode, runtime=prepare(decode),
+                            prompt=make_inputs(config, 1, torch.bfloat16), step_s=[], token_s=[], total=total,
+                            active=total - idle_expert_parameters(train))
+    before, start = cpu_seconds(), time.perf_counter()
+    for run in range(args.runs + 1):
+        for m in models.values():
+            inputs, labels = m["batch"]
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m["train"](**inputs, labels=labels).loss
+            loss.backward()
+            m["opt"].step()
+            m["opt"].zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                logits, state = prefill(m["decode"], **m["prompt"], max_new_tokens=args.new_tokens,
+                                        runtime=m["runtime"])
+                t2 = time.perf_counter()
+                for _ in range(args.new_tokens):
+                    logits = state.step(m["decode"], logits.argmax(-1))
+            t3 = time.perf_counter()
+            if run:
+                m["step_s"].append(t1 - t0)
+                m["token_s"].append((t3 - t2) / args.new_tokens)
+    load = other_load(before, cpu_seconds(), time.perf_counter() - start)
+    print(f"{torch.get_num_threads()} threads, training batch {args.batch}, decode {args.new_tokens} tokens at batch "
+          f"1; other processes took {load:.0f}% of the CPUs meanwhile\n")
+    print("| checkpoint | parameters (total / active) | training examples/s, median (best) | "
+          "decode tokens/s, median (best) |")
+    print("|---|---|---|---|")
+    for path, m in models.items():
+        step, token = statistics.median(m["step_s"]), statistics.median(m["token_s"])
+        print(f"| {path} | {m['total'] / 1e6:.1f} M / {m['active'] / 1e6:.1f} M | {args.batch / step:.1f} "
+              f"({args.batch / min(m['step_s']):.1f}) | {1 / token:.1f} ({1 / min(m['token_s']):.1f}) |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -103,7 +160,12 @@ def main(argv=None) -> None:
     p.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--batched-mm-gib", type=float, default=4.0, help="largest per-pair weight copy batched_mm may make")
     p.add_argument("--batched-mm-tokens", type=int, default=16, help="tokens for batched_mm when the copy is too big")
+    p.add_argument("--models", nargs="+", help="checkpoint directories: time their training step and decoding instead")
+    p.add_argument("--batch", type=int, default=32, help="--models: training examples per step")
+    p.add_argument("--new-tokens", type=int, default=32, help="--models: decode steps timed per run")
     args = p.parse_args(argv)
+    if args.models:
+        return bench_models(args)
     args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     weights = shared_weights(args)
