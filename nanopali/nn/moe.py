@@ -68,20 +68,27 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_
     return unsorted.view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' products run in: autocast's, when it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes activations x: bf16 (weights in bf16, or fp32 under autocast, cast as
-    autocast casts F.linear's) on the CPU or on a CUDA GPU of compute capability >= 8.0. There it is faster than a
-    loop over the experts, forward + backward (BENCHMARKS.md); fp32 takes the loop."""
-    if x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+    """Whether torch's grouped GEMM takes the products for activations x: in bf16 (x's dtype or autocast's; fp32
+    weights are then cast, as autocast casts F.linear's) on the CPU or on a CUDA GPU of compute capability >= 8.0.
+    There it is faster than a loop over the experts, forward + backward (BENCHMARKS.md); fp32 takes the loop."""
+    if compute_dtype(x) != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
     return x.device.type == "cpu" or x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def grouped_experts(rows: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor) -> torch.Tensor:
-    """Every GeGLU expert at once: rows (S, D) sorted by expert, int32 offsets (E,), gate_up (E, 2I, D) and down
-    (E, D, I) -> (S, D) in rows' dtype: two torch._grouped_mm calls."""
-    gate_up, down = (w.to(rows.dtype).transpose(1, 2) for w in (gate_up, down))
+    """Every GeGLU expert at once, in bf16: rows (S, D) sorted by expert, int32 offsets (E,), gate_up (E, 2I, D)
+    and down (E, D, I) -> bf16 (S, D): two torch._grouped_mm calls (which autocast does not cast)."""
+    rows = rows.to(torch.bfloat16)
+    gate_up, down = (w.to(torch.bfloat16).transpose(1, 2) for w in (gate_up, down))
     return torch._grouped_mm(_geglu(torch._grouped_mm(rows, gate_up, offs=offsets)), down, offs=offsets)
 
 
