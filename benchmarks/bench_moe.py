@@ -137,7 +137,7 @@ def bench_models(args) -> None:
                 m["token_s"].append((t3 - t2) / args.new_tokens)
     load = other_load(before, cpu_seconds(), time.perf_counter() - start)
     print(f"{torch.get_num_threads()} threads, training batch {args.batch}, decode {args.new_tokens} tokens at batch "
-          f"1; other processes took {load:.0f}% of the CPUs meanwhile\n")
+          f"1; other processes took {load:.0%} of the CPUs meanwhile\n")
     print("| checkpoint | parameters (total / active) | training examples/s, median (best) | "
           "decode tokens/s, median (best) |")
     print("|---|---|---|---|")
@@ -197,7 +197,7 @@ def main(argv=None) -> None:
                 times[label].append(seconds)
     load = other_load(before, cpu_seconds(), time.perf_counter() - start)
     median = {label: statistics.median(t) for label, t in times.items()}
-    print(f"other processes took {load:.0f}% of the CPUs meanwhile\n")
+    print(f"other processes took {load:.0%} of the CPUs meanwhile\n")
     print("| implementation | tokens | fwd+bwd (s), median | best | vs nanopali | vs dense | output / input-grad "
           "difference vs nanopali |")
     print("|---|---|---|---|---|---|---|")
