@@ -3,8 +3,8 @@
 The default is a small PaliGemma trained on nanopali's toy shapes world (nanopali/world/); it knows only
 that world. The environment variable NANOPALI_DEFAULT_MODEL, when set, names another directory to use instead.
 `--model` / `nanopali.load(path)` also take the names in NAMED: "moe", the folder a mixture-of-experts model of
-the same world is shipped in when one beats the dense model (scripts/make_moe_model.py; none does yet, see
-BENCHMARKS.md); a directory of that name, where one exists, wins.
+the same world would ship in had one beaten the dense model (scripts/make_moe_model.py makes one; none ships:
+BENCHMARKS.md says why); a directory of that name, where one exists, wins.
 """
 
 from __future__ import annotations
@@ -42,5 +42,6 @@ def model_dir(path: str | Path | None) -> Path:
         return Path(path)
     if not (NAMED[name] / "config.json").is_file():
         raise MissingFileError(f"no {name!r} model ships with this nanopali (nothing at {NAMED[name]}; BENCHMARKS.md, "
-                               f"'Mixture of experts', says why); pass a checkpoint directory")
+                               f"'Mixture of experts', says why): make one with `python scripts/make_moe_model.py "
+                               f"--work runs/moe` and then `--stage ship --pair upcycle`, or pass a checkpoint directory")
     return NAMED[name]
