@@ -20,7 +20,8 @@ eight metrics of the default model (world/eval.py). Both runs of a pair answer t
 compared example by example (`paired`): per task, the examples where one run scores higher than the other,
 and a two-sided sign test over them. Decided before the scores were seen: an MoE is shipped (the ship stage,
 to nanopali/world/moe_model, `nanopali caption --model moe ...`) only if it beats its dense twin at p < 0.05
-on captions or on all VQA questions together, and is worse at p < 0.05 on no task.
+on captions or on all VQA questions together, and is worse at p < 0.05 on no task. None ships: BENCHMARKS.md,
+"Mixture of experts", has the results and why.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def comparison(work: Path) -> str:
     from nanopali.world.recipe.cycles import TARGETS
 
     scores = json.loads((work / "scores.json").read_text()) if (work / "scores.json").is_file() else {}
-    header = ["run", *TARGETS, "parameters (total / active)", "expert load (max / mean)", "train ex/s"]
+    header = ["run", *TARGETS, "parameters (total / active)", "expert load (max / mean)",
+              "train ex/s (logged, shared CPUs)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, (_, recipe) in RUNS.items():
         source = finished(work / run, recipe["steps"])
@@ -193,6 +195,30 @@ def paired(work: Path, pair: str) -> dict[str, tuple[int, int, float]]:
         wins, losses = sum(a > b for a, b in rows), sum(a < b for a, b in rows)
         out[task] = (wins, losses, sign_test(wins, losses))
     return out
+
+
+def passes_rule(tests: dict[str, tuple[int, int, float]]) -> bool:
+    """The condition decided before scoring (module docstring): better at p < 0.05 on captions or on all VQA
+    questions, worse at p < 0.05 on no task. Necessary for shipping an MoE, not sufficient."""
+    better = any(w > l and p < 0.05 for task, (w, l, p) in tests.items() if task in ("caption", "vqa"))
+    return better and not any(l > w and p < 0.05 for w, l, p in tests.values())
+
+
+def stage_report(work: Path) -> str:
+    """comparison() and each pair's paired sign tests as markdown, written to WORK/comparison.md."""
+    lines = [comparison(work), "", "| pair | task | examples the MoE scores higher on | the dense twin higher | "
+             "sign test p |", "|---|---|---|---|---|"]
+    verdicts = []
+    for pair in ("scratch", "upcycle"):
+        if not all((work / f"records-{pair}-{kind}.json").is_file() for kind in ("moe", "dense")):
+            continue
+        tests = paired(work, pair)
+        lines += [f"| {pair} | {task} | {w} | {l} | {p:.3g} |" for task, (w, l, p) in tests.items()]
+        verdicts.append(f"{pair}: the MoE {'meets' if passes_rule(tests) else 'fails'} the rule's condition for "
+                        f"shipping (necessary, not sufficient)")
+    text = "\n".join(lines + [""] + verdicts) + "\n"
+    (work / "comparison.md").write_text(text)
+    return text
 
 
 def stage_ship(work: Path, pair: str) -> Path:
