@@ -21,8 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from nanopali.world.recipe.moe import (RUNS, stage_data, stage_init, stage_report, stage_score, stage_ship,
-                                      stage_train)
+from nanopali.world.recipe.moe import RUNS, stage_data, stage_init, stage_report, stage_score, stage_ship, stage_train
 
 
 def main(argv: list[str] | None = None) -> None:

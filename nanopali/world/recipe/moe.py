@@ -206,8 +206,8 @@ def passes_rule(tests: dict[str, tuple[int, int, float]]) -> bool:
 
 def stage_report(work: Path) -> str:
     """comparison() and each pair's paired sign tests as markdown, written to WORK/comparison.md."""
-    lines = [comparison(work), "", "| pair | task | examples the MoE scores higher on | the dense twin higher | "
-             "sign test p |", "|---|---|---|---|---|"]
+    header = "| pair | task | examples the MoE scores higher on | the dense twin higher | sign test p |"
+    lines = [comparison(work), "", header, "|---|---|---|---|---|"]
     verdicts = []
     for pair in ("scratch", "upcycle"):
         if not all((work / f"records-{pair}-{kind}.json").is_file() for kind in ("moe", "dense")):
