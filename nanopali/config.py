@@ -63,7 +63,8 @@ _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is
 
 @dataclass
 class VisionConfig:
-    """SigLIP vision tower (no pooling head)."""
+    """SigLIP vision tower; with `vision_use_head` also its attention-pooling head (the contrastive SigLIP's;
+    PaliGemma uses the tower without it)."""
 
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -73,19 +74,22 @@ class VisionConfig:
     image_size: int = 224
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
+    vision_use_head: bool = False
 
     def __post_init__(self):
-        _check_fields(self, "vision_config", ("hidden_size", "intermediate_size", "num_hidden_layers",
+        check_fields(self, "vision_config", ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "image_size", "patch_size"), ("layer_norm_eps",))
         if self.num_channels != 3 or isinstance(self.num_channels, bool):
             raise ConfigError(f"vision_config.num_channels is {self.num_channels!r}; PaliGemma takes RGB images (3 channels)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not isinstance(self.vision_use_head, bool):
+            raise ConfigError(f"vision_config.vision_use_head must be true or false, got {self.vision_use_head!r}")
 
     @property
     def num_patches(self) -> int:
+        """Patches the stride-patch_size convolution makes: a remainder of the image (SigLIP so400m-patch14-384's
+        6 pixels) is not seen, as in transformers and big_vision."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
@@ -134,14 +138,14 @@ class TextConfig:
     eos_token_id: int = 1
 
     def __post_init__(self):
-        _check_fields(self, "text_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        check_fields(self, "text_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "num_key_value_heads", "head_dim",
                                             "max_position_embeddings"), ("rms_norm_eps", "rope_theta"),
                       optional_ints=("sliding_window",),
                       optional_numbers=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not _is_int(value) or not 0 <= value < self.vocab_size:
+            if not is_int(value) or not 0 <= value < self.vocab_size:
                 raise ConfigError(f"text_config.{name} must be a token id in 0..{self.vocab_size - 1} "
                                   f"(vocab_size {self.vocab_size}), got {value!r}")
         if not isinstance(self.layer_types, (list, tuple)):
@@ -179,8 +183,25 @@ class TextConfig:
         return None
 
 
+class ConfigFile:
+    """config.json in and out, for a config class with from_hf_dict / to_hf_dict (PaliGemma's, SigLIP's)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        """The config.json of a checkpoint directory (or a config file's own path)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
+        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
 @dataclass
-class PaliGemmaConfig:
+class PaliGemmaConfig(ConfigFile):
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_index: int = 257152
@@ -190,8 +211,13 @@ class PaliGemmaConfig:
             self.vision_config = VisionConfig(**self.vision_config)
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig(**self.text_config)
-        if not _is_int(self.image_token_index) or self.image_token_index < 0:
+        if not is_int(self.image_token_index) or self.image_token_index < 0:
             raise ConfigError(f"image_token_index must be a token id (an integer >= 0), got {self.image_token_index!r}")
+        if self.vision_config.vision_use_head:
+            raise ConfigError("vision_config.vision_use_head is true; PaliGemma's SigLIP tower has no pooling head")
+        v = self.vision_config
+        if v.image_size % v.patch_size:  # every PaliGemma resolution is a multiple: anything else is a typo
+            raise ConfigError(f"vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
 
     @property
     def num_image_tokens(self) -> int:
@@ -216,8 +242,8 @@ class PaliGemmaConfig:
         for key in ("vision_config", "text_config"):
             if not isinstance(d.get(key), dict):
                 raise ConfigError(f"{source}: missing the {key} section")
-        _warn_unknown(d, source, "")
-        vision = _vision_from_hf(d["vision_config"], source)
+        warn_unknown(d, source, "")
+        vision = vision_from_hf(d["vision_config"], source)
         text = _text_from_hf(d["text_config"], source)
         top_vocab = d.get("vocab_size")
         if top_vocab is not None and top_vocab != text.vocab_size and "vocab_size" in d["text_config"]:
@@ -264,7 +290,7 @@ class PaliGemmaConfig:
         if t.num_local_experts:
             text.update({name: getattr(t, name) for name in MOE_FIELDS if getattr(t, name) is not None})
         vision = {"model_type": "siglip_vision_model", **asdict(v), "hidden_act": "gelu_pytorch_tanh",
-                  "projection_dim": t.hidden_size, "num_image_tokens": self.num_image_tokens, "vision_use_head": False}
+                  "projection_dim": t.hidden_size, "num_image_tokens": self.num_image_tokens}
         return {
             "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
             "image_token_index": self.image_token_index, "hidden_size": t.hidden_size,
@@ -272,30 +298,17 @@ class PaliGemmaConfig:
             "vision_config": vision, "text_config": text,
         }
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "PaliGemmaConfig":
-        """The config.json of a checkpoint directory (or a config file's own path)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise MissingFileError(f"no config.json in {path}" if path.is_dir() else f"config file {path} does not exist")
-        return cls.from_hf_dict(read_json(file, ConfigError), source=str(file))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
-def _warn_unknown(d: dict, source: str, section: str) -> None:
-    known = _IGNORED_KEYS | {f.name for f in fields(TextConfig)} | {f.name for f in fields(VisionConfig)}
+def warn_unknown(d: dict, source: str, section: str, known: set[str] = frozenset()) -> None:
+    """Warn once about keys nothing reads (a typo, or a feature nanopali does not have); `known` adds keys."""
+    known = _IGNORED_KEYS | known | {f.name for f in fields(TextConfig)} | {f.name for f in fields(VisionConfig)}
     unknown = sorted(k for k in d if k not in known)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown {section}keys {unknown}", stacklevel=3)
 
 
-
-
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -303,11 +316,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_fields(config, section: str, ints=(), numbers=(), optional_ints=(), optional_numbers=()) -> None:
+def check_fields(config, section: str, ints=(), numbers=(), optional_ints=(), optional_numbers=()) -> None:
     """Sizes are positive integers and eps/theta/scales positive finite numbers (None allowed for optional ones)."""
-    for names, test, what, optional in ((ints, _is_int, "a positive integer", False),
+    for names, test, what, optional in ((ints, is_int, "a positive integer", False),
                                          (numbers, _is_number, "a positive number", False),
-                                         (optional_ints, _is_int, "a positive integer or null", True),
+                                         (optional_ints, is_int, "a positive integer or null", True),
                                          (optional_numbers, _is_number, "a positive number or null", True)):
         for name in names:
             value = getattr(config, name)
@@ -321,7 +334,7 @@ def _check_moe(t: TextConfig) -> None:
     """The mixture-of-experts fields: sizes, k <= E, coefficients >= 0, layers that exist; none of them set
     without experts (num_local_experts 0), where they would silently do nothing."""
     experts = t.num_local_experts
-    if not _is_int(experts) or experts < 0:
+    if not is_int(experts) or experts < 0:
         raise ConfigError(f"text_config.num_local_experts must be an integer >= 0 (0: dense), got {experts!r}")
     if not experts:
         given = [n for n in ("moe_intermediate_size", "shared_expert_intermediate_size", "moe_layers")
@@ -329,8 +342,8 @@ def _check_moe(t: TextConfig) -> None:
         if given:
             raise ConfigError(f"text_config sets {', '.join(given)} but num_local_experts is 0 (a dense decoder)")
         return
-    _check_fields(t, "text_config", ("num_experts_per_tok",),
-                  optional_ints=("moe_intermediate_size", "shared_expert_intermediate_size"))
+    check_fields(t, "text_config", ("num_experts_per_tok",),
+                 optional_ints=("moe_intermediate_size", "shared_expert_intermediate_size"))
     if t.num_experts_per_tok > experts:
         raise ConfigError(f"text_config.num_experts_per_tok {t.num_experts_per_tok} exceeds num_local_experts {experts}")
     for name in ("norm_topk_prob", "router_noisy_topk"):
@@ -345,7 +358,7 @@ def _check_moe(t: TextConfig) -> None:
                           f"got {t.router_jitter_noise!r}")
     if t.moe_layers is not None:
         layers = t.moe_layers
-        if (not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers)
+        if (not isinstance(layers, (list, tuple)) or not all(is_int(i) for i in layers)
                 or len(set(layers)) != len(layers)):
             raise ConfigError(f"text_config.moe_layers must be a list of distinct layer indices, got {layers!r}")
         outside = [i for i in layers if not 0 <= i < t.num_hidden_layers]
@@ -354,33 +367,40 @@ def _check_moe(t: TextConfig) -> None:
         t.moe_layers = sorted(layers)
 
 
-def _pick(d: dict, defaults: dict) -> dict:
+def pick(d: dict, defaults: dict) -> dict:
     return {k: d.get(k, default) for k, default in defaults.items()}
 
 
-def _vision_from_hf(d: dict, source: str) -> VisionConfig:
+def vision_from_hf(d: dict, source: str, use_head: bool = False) -> VisionConfig:
+    """The vision_config section; `use_head` is vision_use_head's default when the file leaves it out (False
+    in PaliGemma files, True in SigLIP ones, as transformers' config classes have it)."""
     model_type = d.get("model_type", "siglip_vision_model")
     if model_type != "siglip_vision_model":
         raise ConfigError(f"{source}: vision_config.model_type is {model_type!r}, expected 'siglip_vision_model'")
-    if d.get("vision_use_head", False):
+    if not use_head and d.get("vision_use_head", False):
         raise ConfigError(f"{source}: vision_config.vision_use_head is true; PaliGemma's SigLIP tower has no pooling head")
-    act = d.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in _GELU_TANH:
-        raise ConfigError(f"{source}: vision_config.hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
-    _warn_unknown(d, source, "vision_config ")
+    check_activation(d, source, "vision_config")
+    warn_unknown(d, source, "vision_config ")
     try:
-        return VisionConfig(**_pick(d, _SIGLIP_DEFAULTS))
+        return VisionConfig(**pick(d, _SIGLIP_DEFAULTS), vision_use_head=d.get("vision_use_head", use_head))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def check_activation(d: dict, source: str, section: str) -> None:
+    """SigLIP's towers use the tanh-approximated gelu; another hidden_act is refused, never silently replaced."""
+    act = d.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _GELU_TANH:
+        raise ConfigError(f"{source}: {section}.hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
 
 
 def _text_from_hf(d: dict, source: str) -> TextConfig:
     model_type = d.get("model_type", "gemma")
     if model_type not in ("gemma", "gemma2"):
         raise ConfigError(f"{source}: text_config.model_type is {model_type!r}, expected 'gemma' or 'gemma2'")
-    _warn_unknown(d, source, "text_config ")
+    warn_unknown(d, source, "text_config ")
     defaults = _GEMMA_DEFAULTS if model_type == "gemma" else _GEMMA2_DEFAULTS
-    kw = _pick(d, defaults)
+    kw = pick(d, defaults)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"{source}: text_config.rope_parameters must be an object, found {json_kind(rope)}")

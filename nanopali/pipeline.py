@@ -1,4 +1,4 @@
-"""The high-level object: image and task in, text, boxes or masks out — the one path the CLI uses.
+"""The high-level object: image and task in, text, boxes or masks out — the one path the CLI and the server use.
 
     pali = nanopali.load("path/to/checkpoint", dtype=torch.bfloat16)
     pali = nanopali.load()                # the shipped default: a small model of the toy shapes world only
@@ -6,10 +6,13 @@
     pali.detect(image, ["cat", "dog"])    -> [Detection(label, box, score)]         box in original pixels
     pali.segment(image, ["cat"])          -> [Segmentation(label, box, mask, score)] mask bool (H, W)
     pali.generate(image, "any prompt"); pali.stream(image, prompt)
+    batch = pali.batch(); batch.add([pali.row(image, "caption en")]); batch.step() ...; pali.result(row)
 
 Every method also takes a list of images (and, for generate, a list of prompts) and then returns a
 list. Prompts follow PaliGemma's task syntax ("caption en", "answer en …", "detect a ; b",
-"segment a", "ocr"). Scores are the geometric mean of the probabilities of an object's tokens.
+"segment a", "ocr"). `row` / `batch` / `result` serve many callers at once (nanopali.serve): rows that join a
+running batch at any step and leave it when done (inference/batching.py), with the same prompts, options,
+text and objects as the methods above. Scores are the geometric mean of the probabilities of an object's tokens.
 """
 
 from __future__ import annotations
@@ -23,18 +26,26 @@ import numpy as np
 import torch
 
 from nanopali.devices import resolve_device, resolve_dtype
-from nanopali.errors import UsageError
+from nanopali.errors import MissingFileError, UsageError
 from nanopali.inference.answers import generate_answers
+from nanopali.inference.batching import Row, RowBatch, check_row
+from nanopali.inference.generate import tokenizer_settings
+from nanopali.inference.options import GenerationOptions
 from nanopali.inference.runtime import Runtime, prepare
 from nanopali.inference.streaming import stream
-from nanopali.inputs.images import load_image
+from nanopali.inputs.images import DEFAULT_MAX_PIXELS, load_image
 from nanopali.inputs.processor import Processor
+from nanopali.inputs.tokenizer import check_text
+from nanopali.io import big_vision
 from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.models.paligemma import PaliGemma
 from nanopali.paths import model_dir
+from nanopali.registry import resolve_config
 from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
 
 VAE_FILE = "vae-oid.npz"
+TOKENIZER_FILE = "paligemma_tokenizer.model"  # big_vision's tokenizer, which a release .npz needs beside it
+TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
 TASK_TOKENS = {"caption": 64, "answer": 32, "ocr": 128, "detect": 128, "segment": 256, "generate": 64}
 
 
@@ -62,24 +73,50 @@ class Objects(list):
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-         vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True) -> "Pali":
-    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment).
+         vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True,
+         config=None, tokenizer: str | Path | None = None) -> "Pali":
+    """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment), or a
+    big_vision release .npz with `config=` (a published size such as "paligemma-3b-224", a config.json or a
+    PaliGemmaConfig) and `tokenizer=` (big_vision's paligemma_tokenizer.model; default: that file beside the npz).
 
     path=None loads the shipped default model, a small PaliGemma of the toy shapes world; a name of
     paths.NAMED (e.g. "moe") the model shipped under it, if any (a directory of that name wins).
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
-    `dtype` may be named ("bfloat16", "bf16", "float32"…); `device` and `dtype` are checked before any file is
-    read: "cuda" without a GPU torch can see, a misspelt device or a non-float dtype is a UsageError.
+    `dtype` may be named ("bfloat16", "bf16", "float32"…); `device`, `dtype`, the config and the tokenizer are
+    checked before the weights are read: "cuda" without a GPU torch can see, a misspelt device or a non-float
+    dtype is a UsageError.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    path = checkpoint_dir(model_dir(path))
-    model = PaliGemma.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    if big_vision.is_npz(path):
+        big_vision.check_file(path)  # the file, then the config, then the tokenizer: all before the weights
+        config = resolve_config(config)
+        processor = Processor.from_config(config, release_tokenizer(path, tokenizer))
+        model = PaliGemma.from_big_vision(path, config, dtype=dtype, device=device, progress=progress)
+        folder = Path(path).parent
+    else:
+        extra = [name for name, value in (("config=", config), ("tokenizer=", tokenizer)) if value is not None]
+        if extra:
+            raise UsageError(f"{' and '.join(extra)}: only for a big_vision .npz; a checkpoint directory carries its "
+                             "own config.json and tokenizer")
+        folder = checkpoint_dir(model_dir(path))
+        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, progress=progress)
+        processor = Processor.from_pretrained(folder)
     runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
-    processor = Processor.from_pretrained(path)
-    vae_file = Path(vae) if vae is not None else path / VAE_FILE if (path / VAE_FILE).is_file() else None
-    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=path,
+    vae_file = Path(vae) if vae is not None else folder / VAE_FILE if (folder / VAE_FILE).is_file() else None
+    return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=folder,
                 runtime=runtime)
+
+
+def release_tokenizer(npz: str | Path, tokenizer: str | Path | None) -> Path:
+    """The tokenizer file of a big_vision .npz: `tokenizer` if given, else paligemma_tokenizer.model beside it."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    beside = Path(npz).parent / TOKENIZER_FILE
+    if beside.is_file():
+        return beside
+    raise MissingFileError(f"a big_vision .npz carries no tokenizer and there is no {TOKENIZER_FILE} beside {npz}: "
+                           f"pass tokenizer= (--tokenizer on the command line) with big_vision's {TOKENIZER_URL}")
 
 
 class Pali:
@@ -126,21 +163,51 @@ class Pali:
 
     def detect(self, images, labels, convention: str = "bigvision", **kwargs) -> Objects | list[Objects]:
         """Boxes of `labels` ("cat" or ["cat", "dog"]); `convention` "hfspace" reads locs as /1024."""
-        results = self._objects(images, "detect", labels, convention, **kwargs)
-        out = [Objects([Detection(o.label, o.box, o.score) for o in objs], objs.text, objs.dropped) for objs in results]
+        out = [_as_objects("detect", objs) for objs in self._objects(images, "detect", labels, convention, **kwargs)]
         return out if isinstance(images, list) else out[0]
 
     def segment(self, images, labels, convention: str = "bigvision", **kwargs) -> Objects | list[Objects]:
         """Masks of `labels`; objects the model answered without <seg> tokens are dropped with that reason."""
-        if self.vae is None:
-            find_checkpoint(None, self.model_dir)  # raises: where the VQ-VAE is looked for and how to get it
-        results = self._objects(images, "segment", labels, convention, **kwargs)
-        out = []
-        for objs in results:
-            kept = [Segmentation(o.label, o.box, o.mask, o.score) for o in objs if o.mask is not None]
-            dropped = objs.dropped + [(o.label, "no <seg> tokens: a box without a mask", o.span) for o in objs if o.mask is None]
-            out.append(Objects(kept, objs.text, dropped))
+        self._check_vae("segment")
+        out = [_as_objects("segment", objs) for objs in self._objects(images, "segment", labels, convention, **kwargs)]
         return out if isinstance(images, list) else out[0]
+
+    # ------------------------------------------------------------------ rows of a continuous batch (a server)
+
+    def row(self, image, prompt: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, on_piece=None, **kwargs) -> Row:
+        """One prompt about one image, ready to join a running batch (`batch()`): the image is loaded (at most
+        `max_pixels`) and the prompt and options are checked now, so a bad request fails here, alone, with a
+        NanopaliError naming the problem. Options are those of `generate`; max_new_tokens defaults to the
+        prompt's task (TASK_TOKENS), cut to the positions the model has left after the prompt. `on_piece`
+        gets the answer's text as it is generated (on the thread that steps the batch)."""
+        _check_string("prompt", prompt)
+        check_text(prompt, "the prompt")
+        task = task_of(prompt)
+        if task == "segment":
+            self._check_vae("segment")
+        image = load_image(image, max_pixels=max_pixels)
+        if "max_new_tokens" not in kwargs:
+            room = self.model.config.text_config.max_position_embeddings - len(self.processor.prefix_ids(prompt))
+            kwargs["max_new_tokens"] = max(1, min(TASK_TOKENS[task], room))  # a prompt that does not fit fails below
+        row = Row(image, prompt, GenerationOptions(**{**tokenizer_settings(self.processor.tokenizer), **kwargs}),
+                  on_piece=on_piece)
+        check_row(self.model, self.processor, row)
+        return row
+
+    def batch(self) -> RowBatch:
+        """A continuous batch on this model (inference/batching.py): rows from `row()` join it at any step."""
+        return RowBatch(self.model, self.processor, self.runtime)
+
+    def result(self, row: Row, convention: str = "bigvision") -> str | Objects:
+        """A finished row's answer as its task gives it: the text, or for a `detect` / `segment` prompt the
+        Objects that `detect` / `segment` return (boxes in pixels of the row's image)."""
+        task = task_of(row.prompt)
+        if task not in ("detect", "segment"):
+            return row.answer.text
+        vae = self.vae if task == "segment" else None
+        objects = scored_objects(row.answer.text, row.answer.spans, row.image.size, vae, convention)
+        objects.text = row.answer.text
+        return _as_objects(task, objects)
 
     # ------------------------------------------------------------------ shared path
 
@@ -148,6 +215,10 @@ class Pali:
         batch = _load_images(images)
         texts = [text for text, _ in self.generate_spans(batch, [prompt] * len(batch), task, **kwargs)]
         return texts if isinstance(images, list) else texts[0]
+
+    def _check_vae(self, task: str) -> None:
+        if self.vae is None:
+            find_checkpoint(None, self.model_dir)  # raises: where the VQ-VAE is looked for and how to get it
 
     def _objects(self, images, task: str, labels, convention: str, **kwargs) -> list[ParsedObjects]:
         if not isinstance(labels, (str, list, tuple)) or not all(isinstance(x, str) for x in labels):
@@ -172,6 +243,22 @@ class Pali:
         answers = generate_answers(self.model, self.processor, images, prompts, runtime=self.runtime, **kwargs)
         self.stats = {"new_tokens": sum(a.new_tokens for a in answers), "seconds": time.perf_counter() - start}
         return [(a.text, a.spans) for a in answers]
+
+
+def task_of(prompt: str) -> str:
+    """The task of a PaliGemma prompt, by its first word ("detect cat" -> "detect"); "generate" for any other."""
+    word = prompt.split(maxsplit=1)[0] if prompt.strip() else ""
+    return word if word in TASK_TOKENS else "generate"
+
+
+def _as_objects(task: str, objects: ParsedObjects) -> Objects:
+    """Parsed objects as the pipeline returns them: Detections, or Segmentations (an object without a mask
+    is dropped with that reason)."""
+    if task == "detect":
+        return Objects([Detection(o.label, o.box, o.score) for o in objects], objects.text, objects.dropped)
+    kept = [Segmentation(o.label, o.box, o.mask, o.score) for o in objects if o.mask is not None]
+    dropped = objects.dropped + [(o.label, "no <seg> tokens: a box without a mask", o.span) for o in objects if o.mask is None]
+    return Objects(kept, objects.text, dropped)
 
 
 def _kind(value) -> str:

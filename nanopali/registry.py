@@ -8,7 +8,10 @@ the first 257152 rows are real tokens (`<image>` = 257152 is the first padding r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nanopali.config import PaliGemmaConfig, TextConfig, VisionConfig
+from nanopali.errors import ConfigError, MissingFileError, UsageError
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14)
 VOCAB_ROWS = 257216
@@ -42,3 +45,25 @@ def named_config(name: str) -> PaliGemmaConfig:
         text.update(_GEMMA2_FLAGS)
     return PaliGemmaConfig(vision_config=VisionConfig(image_size=int(res), **SO400M),
                            text_config=TextConfig(**text), image_token_index=IMAGE_TOKEN)
+
+
+def resolve_config(config) -> PaliGemmaConfig:
+    """The config of a checkpoint that does not carry one (a big_vision .npz), from what a user may give: a
+    PaliGemmaConfig, a published size's name ("paligemma2-3b-448"), or a Hugging Face config.json (or its folder)."""
+    if isinstance(config, PaliGemmaConfig):
+        return config
+    if config is None:
+        raise UsageError("a big_vision .npz does not say its sizes: pass config= (--config on the command line): a "
+                         "published size such as 'paligemma-3b-224', the path of a Hugging Face config.json, or a "
+                         "PaliGemmaConfig")
+    if not isinstance(config, (str, Path)):
+        raise UsageError(f"config must be a size name, a config.json path or a PaliGemmaConfig, got a {type(config).__name__}")
+    path = Path(config).expanduser()
+    if path.exists():
+        return PaliGemmaConfig.from_pretrained(path)
+    if str(config) in NAMES:
+        return named_config(str(config))
+    if path.suffix == ".json" or len(path.parts) > 1:
+        raise MissingFileError(f"config file {config} does not exist")
+    raise ConfigError(f"unknown config {str(config)!r}: give a published size ({', '.join(NAMES)}), "
+                      "the path of a config.json, or a PaliGemmaConfig")

@@ -12,7 +12,9 @@ killed run continues):
     init        the PaliGemma config and from-scratch weights (loc-token embeddings start smooth in the value)
     warmup      the vision tower alone on per-patch shape/colour/word labels (nanopali/world/patch_warmup.py),
                 background patches weighed down
-    train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable
+    train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable;
+                with --vision-from SIGLIP_DIR its vision tower starts from a contrastive SigLIP's (made by
+                scripts/make_default_siglip.py) instead of the warm-up's (BENCHMARKS.md compares the two)
     more        further, lower cosine cycles of the trainer (nanopali/world/recipe/cycles.py), each from the last
                 one's weights (WORK/run2, ...); the reading cycles with the per-patch labels as an auxiliary loss;
                 `--start DIR` continues after a checkpoint copied from another machine
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", choices=list(STAGES), action="append", help="run only these stages (default: all)")
     p.add_argument("--start", type=Path, help="more: continue after this checkpoint (in a run directory named like "
                                               "WORK's, e.g. run5/checkpoint-002500) instead of WORK's own cycles")
+    p.add_argument("--vision-from", type=Path, help="train/more: start the vision tower from this SigLIP checkpoint "
+                                                     "instead of the per-patch warm-up")
     args = p.parse_args(argv)
     if args.start and args.stage != ["more"]:
         p.error("--start continues the more stage alone: add --stage more (and no other stage)")
@@ -50,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     times_file = args.work / "times.json"
     for name in args.stage or [s for s in STAGES if s != "card"]:  # ship writes the card
         start = time.perf_counter()
-        STAGES[name](args.work, **({"start": args.start} if name == "more" else {}))
+        options = {"start": args.start} if name == "more" else {}
+        if name in ("train", "more"):
+            options["vision_from"] = args.vision_from
+        STAGES[name](args.work, **options)
         times = json.loads(times_file.read_text()) if times_file.is_file() else {}
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
         times_file.write_text(json.dumps(times))

@@ -69,6 +69,7 @@ def _allowed() -> tuple[str, ...]:
         os.path.join(HOME, ".nv"),
         "/usr/share/fonts", "/usr/local/share/fonts", "/usr/share/zoneinfo", "/var/cache/fontconfig",
         os.path.join(HOME, ".fonts"), os.path.join(HOME, ".local", "share", "fonts"),
+        "/usr/lib/os-release",  # where /etc/os-release points (platform.freedesktop_os_release: the openai client)
     }
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "HF_HOME", "TORCH_HOME"):
         if env(var):

@@ -113,3 +113,51 @@ def hf_processor(folder: Path):
 
     transformers.logging.set_verbosity_error()  # the "you are passing both text and images" notice, every call
     return transformers.PaliGemmaProcessor.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------- SigLIP text tokenizers
+
+SIGLIP_VARIANTS = ("siglip", "siglip-cased", "siglip2", "siglip2-lower-eos")
+
+
+def train_t5(vocab_size: int = 400) -> bytes:
+    """A T5-style SentencePiece model like SigLIP's `spiece.model` (unigram, NFKC with dummy prefix and whitespace
+    collapsing, pad=0 eos=1 unk=2, no bos)."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=out, model_type="unigram", vocab_size=vocab_size,
+        character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
+        unk_piece="<unk>", minloglevel=2, num_threads=1)
+    return out.getvalue()
+
+
+def write_siglip_checkpoint(folder: Path, variant: str, image_size: int = 32) -> Path:
+    """The tokenizer and preprocessor files of a SigLIP (spiece.model, SiglipTokenizer; "-cased": do_lower_case off)
+    or SigLIP 2 (Gemma tokenizer.model; GemmaTokenizer, or Siglip2Tokenizer with add_eos_token) checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if variant.startswith("siglip2"):
+        (folder / "tokenizer.model").write_bytes(train(["<mask>"]))
+        config = {**ROLES, "tokenizer_class": "GemmaTokenizer"}
+        if variant == "siglip2-lower-eos":
+            config.update(tokenizer_class="Siglip2Tokenizer", add_eos_token=True, padding_side="right")
+    elif variant in ("siglip", "siglip-cased"):
+        (folder / "spiece.model").write_bytes(train_t5())
+        config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": 64, "eos_token": "</s>",
+                  "pad_token": "</s>", "unk_token": "<unk>", "do_lower_case": variant == "siglip"}
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {SIGLIP_VARIANTS}")
+    _json(folder / "tokenizer_config.json", config)
+    _json(folder / "preprocessor_config.json", {
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor", "do_resize": True,
+        "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    return folder
+
+
+def hf_siglip_processor(folder: Path):
+    """transformers' processor of a SigLIP checkpoint directory (SiglipProcessor: image processor + AutoTokenizer)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.SiglipProcessor(transformers.AutoImageProcessor.from_pretrained(str(folder)),
+                                        transformers.AutoTokenizer.from_pretrained(str(folder)))

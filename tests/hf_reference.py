@@ -35,14 +35,20 @@ def hf_config(generation: int = 2, kv_heads: int = 2, **text) -> HFConfig:
     )
 
 
-def hf_model(config: HFConfig, seed: int = 0, std: float = 0.2) -> PaliGemmaForConditionalGeneration:
+def randomized(model_class, config, seed: int = 0, std: float = 0.2):
+    """model_class(config) in eval mode, eager attention, every parameter redrawn from N(0, std) (norms and biases
+    too, so that no weight can be ignored or mis-mapped without changing the outputs)."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = PaliGemmaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+def hf_model(config: HFConfig, seed: int = 0, std: float = 0.2) -> PaliGemmaForConditionalGeneration:
+    return randomized(PaliGemmaForConditionalGeneration, config, seed, std)
 
 
 def batch(config: HFConfig, seed: int = 0) -> dict[str, torch.Tensor]:

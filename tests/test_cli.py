@@ -41,7 +41,8 @@ def image(tmp_path_factory):
 def test_help_and_module_entry_point():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("caption", "answer", "detect", "segment", "ocr", "generate", "chat", "info", "train"):
+    for command in ("caption", "answer", "detect", "segment", "ocr", "generate", "chat", "info", "convert", "train", "serve",
+                    "classify", "search"):
         assert command in out.stdout
     module = subprocess.run([sys.executable, "-m", "nanopali", "detect", "--help"], capture_output=True, text=True)
     assert module.returncode == 0 and "--out" in module.stdout and "--no-json" in module.stdout
@@ -133,11 +134,12 @@ def test_an_internal_error_keeps_its_traceback(model, image, monkeypatch):
         cli.main(["caption", str(image), "--model", str(model), "--dtype", "float32", "--max-new-tokens", "2"])
 
 
-def test_caption_and_help_never_import_training_or_the_world(model, image):
+def test_caption_and_help_never_import_training_the_world_or_the_server(model, image):
     code = ("import sys; from nanopali import cli; import nanopali.cli.tasks; cli._parser()\n"
             f"assert cli.main(['caption', {str(image)!r}, '--model', {str(model)!r}, '--dtype', 'float32', "
             "'--max-new-tokens', '2']) == 0\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('nanopali.train', 'nanopali.world'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('nanopali.train', 'nanopali.world', 'nanopali.serve', "
+            "'fastapi', 'uvicorn'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr

@@ -12,6 +12,7 @@ from nanopali import PaliGemma, Runtime, prepare
 from nanopali.inference import cpu_kernels
 from nanopali.inference.cpu_kernels import CpuKernels, StepChooser, install
 from nanopali.inference.decode import prefill
+from nanopali.nn.mlp import gelu_tanh
 
 
 @pytest.mark.parametrize("path", ["loop", "library"])
@@ -271,5 +272,8 @@ def test_only_large_decoders_time_their_steps(bf16_model):
     assert chooser.measure and chooser.choice is None
     model, cfg = bf16_model
     for quantize in (None, "int8"):
-        chooser = prepare(PaliGemma(model.config).init_weights(), quantize=quantize).kernels.chooser
-        assert not chooser.measure and chooser.choice == "library"
+        kernels = prepare(PaliGemma(model.config).init_weights(), quantize=quantize).kernels
+        assert not kernels.chooser.measure and kernels.chooser.choice == "library"
+        with torch.no_grad():  # nor fused elementwise ops, even on a tensor past the threshold (a batched prefill)
+            x = torch.randn(cpu_kernels.ELEMENTWISE_MIN, dtype=torch.bfloat16)
+            assert torch.equal(kernels.gelu(x), gelu_tanh(x)) and not kernels._compiled

@@ -1,10 +1,11 @@
 """The package's layers: every import goes down the data flow, never up, and `import nanopali` stays light.
 
-    config, registry, paths, errors, devices  <  nn, io, inputs  <  models  <  inference  <  tasks  <  pipeline
-    <  train  <  cli  <  world
+    config, siglip_config, registry, paths, errors, devices  <  nn, io, inputs  <  models  <  inference  <  tasks
+    <  pipeline, zero_shot  <  train  <  serve  <  cli  <  world
 
 A module may import its own layer and the ones before it. The model files are plain PyTorch (they never
-import the inference runtime), and nothing but the world itself imports the toy world.
+import the inference runtime), and nothing but the world itself imports the toy world. The server (serve/) sits
+beside the CLI on top of the pipeline; the CLI's `serve` command starts it.
 """
 
 import ast
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanopali"
-LAYERS = [("errors", "json_files", "config", "registry", "paths", "devices"), ("nn", "io", "inputs"), ("models",), ("inference",), ("tasks",),
-          ("pipeline",), ("train",), ("cli",), ("world",)]
+LAYERS = [("errors", "json_files", "config", "siglip_config", "registry", "paths", "devices"), ("nn", "io", "inputs"), ("models",),
+          ("inference",), ("tasks",), ("pipeline", "zero_shot"), ("train",), ("serve",), ("cli",), ("world",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
@@ -74,8 +75,8 @@ def test_the_layer_check_can_fail(tmp_path):
     assert max(rank_of(m) for m in found) > RANK["models"]
 
 
-def test_import_nanopali_loads_neither_training_nor_the_world():
+def test_import_nanopali_loads_neither_training_nor_the_world_nor_the_server():
     code = ("import sys, nanopali; print(sorted(m for m in sys.modules "
-            "if m.startswith(('nanopali.train', 'nanopali.world', 'nanopali.cli'))))")
+            "if m.startswith(('nanopali.train', 'nanopali.world', 'nanopali.cli', 'nanopali.serve', 'fastapi'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"import nanopali also imported {out}"

@@ -4,15 +4,21 @@
     nanopali answer   IMAGE "question"                  nanopali segment IMAGE "cat" --out mask.png
     nanopali ocr      IMAGE                             nanopali generate IMAGE "any prompt"
     nanopali chat     IMAGE                             nanopali info [DIR]
+    nanopali classify IMAGE "cat, dog"                  nanopali search DIR_OF_IMAGES "a red car"
+    nanopali convert  big_vision.npz OUT --config paligemma-3b-224 [--tokenizer paligemma_tokenizer.model]
     nanopali train    --model DIR --data train.jsonl --out runs/x [--config train.json]
     nanopali upcycle  DIR OUT --experts 8 --top-k 2     (a dense checkpoint -> mixture of experts)
+    nanopali serve    [--model DIR] [--port 8000]   an OpenAI-compatible HTTP API and a web page
 
 Without --model a command uses the shipped default model (paths.py): a small PaliGemma trained on
 nanopali's toy shapes world, which knows only that world; $NANOPALI_DEFAULT_MODEL names another default.
 train always needs --model: to fine-tune the shipped model, pass its directory (`nanopali info` prints it).
 
-One module per command group: tasks.py (caption … chat), info.py, train.py, upcycle.py; common.py holds what they
-share. Each imports what it runs only when it runs (`nanopali caption` never imports the training code).
+classify and search use a contrastive SigLIP model (the shipped default: a small SigLIP of the same world).
+
+One module per command group: tasks.py (caption … chat), zero_shot.py (classify, search), info.py, convert.py,
+train.py, upcycle.py, serve.py; common.py holds what they share. Each imports what it runs only when it runs
+(`nanopali caption` never imports the training code).
 
 A user mistake (missing image, bad model path, bad data: a nanopali.errors.NanopaliError) prints one
 `nanopali: error: …` line and exits with status 2; any other exception is a bug and keeps its traceback.
@@ -23,18 +29,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanopali.cli import info, tasks, train, upcycle
+from nanopali.cli import convert, info, serve, tasks, train, upcycle, zero_shot
 from nanopali.cli.common import LazyParser
 from nanopali.errors import NanopaliError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanopali", description="PaliGemma and PaliGemma 2 in plain PyTorch.")
+    p = argparse.ArgumentParser(prog="nanopali", description="PaliGemma, PaliGemma 2 and SigLIP in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=LazyParser)
     tasks.add_commands(sub)
+    zero_shot.add_commands(sub)
     info.add_commands(sub)
+    convert.add_commands(sub)
     train.add_commands(sub)
     upcycle.add_commands(sub)
+    serve.add_commands(sub)
     return p
 
 

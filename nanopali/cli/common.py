@@ -12,7 +12,7 @@ import sys
 from nanopali.paths import ENV_VAR
 
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices, names of torch dtypes
-MODEL_HELP = ("checkpoint directory in Hugging Face layout; default: the shipped model, a small PaliGemma trained on "
+MODEL_HELP = ("checkpoint directory in Hugging Face layout, or a big_vision release .npz with --config; default: the shipped model, a small PaliGemma trained on "
               f"nanopali's toy shapes world that knows only that world (${ENV_VAR} overrides the default)")
 
 
@@ -31,14 +31,27 @@ class LazyParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-def task_options() -> argparse.ArgumentParser:
-    """The options every task command takes (a parent parser)."""
+def model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that say which model to load and how (every task command and `serve`); `load(args)` reads them."""
     from nanopali.inference.quantize import MODES
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help=MODEL_HELP)
-    common.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    common.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--config", help="with --model X.npz (a big_vision release): the model's sizes, a published size "
+                                         "(e.g. paligemma-3b-224) or a config.json")
+    parser.add_argument("--tokenizer", help="with --model X.npz: big_vision's paligemma_tokenizer.model (default: beside the npz)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
+    parser.add_argument("--quantize", choices=list(MODES), help="quantize the decoder weights after loading (faster decoding; int4 is coarser)")
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                        help="fast.py's CPU kernels (measured one-row products, fused gelu/RMSNorm), CUDA-graph "
+                             "decode step (GPU); --no-fast: none of them, plain PyTorch (for debugging)")
+    return parser
+
+
+def task_options() -> argparse.ArgumentParser:
+    """The options every task command takes (a parent parser)."""
+    common = model_options(argparse.ArgumentParser(add_help=False))
     common.add_argument("--max-new-tokens", type=int, help="at least 1; default depends on the task")
     common.add_argument("--temperature", type=float, help="0 (the default) = greedy; > 0 samples")
     common.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]; needs --temperature > 0 (default 1: off)")
@@ -48,11 +61,6 @@ def task_options() -> argparse.ArgumentParser:
     common.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print a JSON result")
     common.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it comes")
     common.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="latency and tokens/s")
-    common.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
-    common.add_argument("--quantize", choices=list(MODES), help="quantize the decoder weights after loading (faster decoding; int4 is coarser)")
-    common.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                        help="fast.py's CPU kernels (measured one-row products, fused gelu/RMSNorm), CUDA-graph "
-                             "decode step (GPU); --no-fast: none of them, plain PyTorch (for debugging)")
     return common
 
 
@@ -115,4 +123,5 @@ def load(args):
     from nanopali.pipeline import load
 
     return load(args.model, dtype=getattr(torch, args.dtype), device=args.device, vae=args.vae,
-                progress=sys.stderr.isatty(), quantize=args.quantize, fast=args.fast)
+                progress=sys.stderr.isatty(), quantize=args.quantize, fast=args.fast, config=args.config,
+                tokenizer=args.tokenizer)

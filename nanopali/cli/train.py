@@ -22,11 +22,14 @@ HELP = {
     "overwrite": "delete the run in --out (its checkpoints, latest, metrics.jsonl, loss.png) and start over",
     "max_grad_norm": "gradient clipping norm; 0: no clipping",
     "skip_bad": "skip and count bad JSONL lines (reported on stderr and in metrics.jsonl) instead of stopping",
+    "objective": "suffix (PaliGemma: image/prefix/suffix lines, the default) | siglip | clip (a contrastive SigLIP "
+                 "checkpoint: image/text lines)",
 }
 
 
 def add_commands(sub) -> None:
-    train = sub.add_parser("train", help="fine-tune on a JSONL of image/prefix/suffix examples", setup=_add_options)
+    train = sub.add_parser("train", help="fine-tune on a JSONL of image/prefix/suffix examples (PaliGemma) or "
+                                         "image/text pairs (SigLIP, --objective siglip|clip)", setup=_add_options)
     train.set_defaults(run=run_train)
 
 

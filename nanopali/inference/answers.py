@@ -32,17 +32,42 @@ def model_inputs(model: PaliGemma, processor, images: list, prompts: list[str], 
     return {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
 
 
+class AnswerText:
+    """Generated ids -> the answer's text as it grows, and where each token's text lies in it.
+
+    push(id, logprob) returns the new piece of text (possibly ""); finish() returns the Answer. The caller
+    decides where a row ends (<eos>, padding, a stop string): decode_answer, streaming and the continuous
+    batch (batching.py) all build their text here, so they agree character for character."""
+
+    def __init__(self, tokenizer):
+        self.decoder = IncrementalDecoder(lambda x: tokenizer.decode(x, skip_special_tokens=True))
+        self.spans: list[tuple[tuple[int, int], float]] = []
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        return self.decoder.emitted
+
+    def push(self, token: int, logprob: float = 0.0) -> str:
+        begin = len(self.decoder.emitted)
+        piece = self.decoder.push(token)
+        self.spans.append(((begin, max(begin + 1, len(self.decoder.emitted))), logprob))
+        return piece
+
+    def finish(self) -> tuple[str, Answer]:
+        """The rest of the text (an unfinished character as decoded) and the whole Answer."""
+        rest = self.decoder.finish()
+        return rest, Answer(self.decoder.emitted, self.spans, len(self.spans))
+
+
 def decode_answer(tokenizer, ids: list[int], logprobs: list[float]) -> Answer:
     """The text of generated ids up to <eos> or padding, and where each token's text lies in it."""
-    decoder, spans = IncrementalDecoder(lambda x: tokenizer.decode(x, skip_special_tokens=True)), []
+    text = AnswerText(tokenizer)
     for i, lp in zip(ids, logprobs):
         if i in (tokenizer.eos_id, tokenizer.pad_id):
             break
-        begin = len(decoder.emitted)
-        decoder.push(i)
-        spans.append(((begin, max(begin + 1, len(decoder.emitted))), lp))
-    decoder.finish()
-    return Answer(decoder.emitted, spans, len(spans))
+        text.push(i, lp)
+    return text.finish()[1]
 
 
 @torch.no_grad()

@@ -154,6 +154,7 @@ class CpuKernels:
     an optional forced path, the step chooser and per-thread scratch buffers for dequantized weights.
 
     enabled=False: every call takes the plain ops (the debugging switch, `--no-fast`).
+    measure=False (a small decoder): the library one-row path without timing, and no compiled elementwise ops.
     force="loop" | "library": every one-row product takes that path and no step is timed.
     """
 
@@ -254,7 +255,9 @@ class CpuKernels:
     # ---------------------------------------------------------------- elementwise
 
     def _elementwise(self, x: torch.Tensor) -> bool:
-        return self.enabled and _inference_cpu(x) and x.numel() >= ELEMENTWISE_MIN
+        """Large inference tensors of a large model (measure=True): a small one (the default model) would stall
+        for the compile (seconds, e.g. at a server's first prefill of 8 rows) to save nothing."""
+        return self.enabled and self.chooser.measure and _inference_cpu(x) and x.numel() >= ELEMENTWISE_MIN
 
     def gelu(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         """gelu_tanh(x), times `up` (same shape) if given: fused and compiled for large inference tensors."""

@@ -80,11 +80,8 @@ def prefill(model: PaliGemma, input_ids, pixel_values=None, attention_mask=None,
     valid = attention_mask.bool()
     if not valid.any(-1).all():
         raise UsageError("a row of attention_mask is all zeros: nothing to generate from")
+    check_length(model, T, max_new_tokens)
     S = T + max_new_tokens
-    limit = model.config.text_config.max_position_embeddings
-    if S > limit:
-        raise UsageError(f"the prompt is {T} tokens and {max_new_tokens} new tokens were asked for: {S} positions, "
-                         f"but this model takes at most {limit}")
     kv_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     kv_valid[:, :T] = valid
     kv_prefix = torch.zeros_like(kv_valid)
@@ -106,6 +103,53 @@ def prefill(model: PaliGemma, input_ids, pixel_values=None, attention_mask=None,
         state.reorder(rows)
         logits = logits[rows]
     return logits, state
+
+
+def check_length(model: PaliGemma, prompt_tokens: int, max_new_tokens: int) -> None:
+    """UsageError when a prompt of `prompt_tokens` and `max_new_tokens` new tokens need more positions than the
+    model has."""
+    limit = model.config.text_config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise UsageError(f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: "
+                         f"{prompt_tokens + max_new_tokens} positions, but this model takes at most {limit}")
+
+
+def relayout(parts: list[tuple[DecodeState, torch.Tensor]], room: int) -> DecodeState:
+    """One decode state holding the rows `rows` (long (b,)) of each part's state, in order, with `room` free slots.
+
+    Each part's used slots (from the first slot any of its kept rows holds to its next free slot) are copied
+    right-aligned at one shared next slot, as left padding lays out rows of different lengths; a row's RoPE
+    positions and prefix/valid flags move with its slots, so the masks (nn/masks.py) and the next logits are
+    those of the row alone. Slots no kept row uses are dropped, so the cache holds the rows' own lengths
+    (at most prompt + max_new_tokens each), never the time the batch has been running. The continuous
+    batch (batching.py) calls this when rows join or leave.
+    """
+    parts = [(state, rows) for state, rows in parts if len(rows)]
+    if not parts:
+        raise ValueError("relayout needs at least one row")
+    spans = []
+    for state, rows in parts:
+        used = state.kv_valid[rows, :state.slot].any(0)  # (slot,)
+        first = int(used.nonzero()[0, 0]) if used.any() else state.slot
+        spans.append(first)
+    width = max(state.slot - first for (state, _), first in zip(parts, spans))
+    first_state = parts[0][0]
+    B, S = sum(len(rows) for _, rows in parts), width + room
+    device = first_state.kv_valid.device
+    cache = KVCache.like(first_state.cache, B, S)
+    kv_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    kv_prefix, kv_pos = torch.zeros_like(kv_valid), torch.zeros(B, S, dtype=torch.long, device=device)
+    positions, b = [], 0
+    for (state, rows), first in zip(parts, spans):
+        n, src, dst = len(rows), slice(first, state.slot), slice(width - (state.slot - first), width)
+        cache.k[:, b:b + n, :, dst] = state.cache.k[:, rows, :, src]
+        cache.v[:, b:b + n, :, dst] = state.cache.v[:, rows, :, src]
+        kv_valid[b:b + n, dst] = state.kv_valid[rows, src]
+        kv_prefix[b:b + n, dst] = state.kv_prefix[rows, src]
+        kv_pos[b:b + n, dst] = state.kv_pos[rows, src]
+        positions.append(state.positions[rows])
+        b += n
+    return DecodeState(cache, kv_valid, kv_prefix, kv_pos, torch.cat(positions), width, first_state.runtime)
 
 
 def decode_step(model: PaliGemma, cache: KVCache, tokens, positions, masks, slots) -> torch.Tensor:

@@ -36,8 +36,9 @@ def tokenizer_settings(tokenizer) -> dict:
     return {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "vocab_limit": tokenizer.vocab_size}
 
 
-def _rules(model: PaliGemma, device, options: GenerationOptions) -> tuple[LogitRules, int]:
-    """The LogitRules and pad id of one call; vocab_limit None = every embedding row is a token."""
+def logit_rules(model: PaliGemma, device, options: GenerationOptions) -> tuple[LogitRules, int]:
+    """The LogitRules and pad id of one call (or of every row of a batch.RowBatch); vocab_limit None = every
+    embedding row is a token."""
     text = model.config.text_config
     options.check_vocabulary(text.vocab_size)
     eos = [text.eos_token_id] if options.eos_token_id is None else list(options.eos_token_id)
@@ -93,9 +94,20 @@ def _prepare(model: PaliGemma, input_ids, pixel_values, opts: GenerationOptions,
     if opts.generator is not None and opts.generator.device.type != input_ids.device.type:
         raise UsageError(f"the generator is on {opts.generator.device} but the inputs are on {input_ids.device}; "
                          f"make it with torch.Generator(device={str(input_ids.device)!r})")
-    rules, pad = _rules(model, input_ids.device, opts)
+    rules, pad = logit_rules(model, input_ids.device, opts)
     model.check_inputs(input_ids, pixel_values)
     return rules, pad
+
+
+def next_token(logits: torch.Tensor, rules: LogitRules, opts: GenerationOptions, *, ban_eos: bool = False,
+               seen: torch.Tensor | None = None, with_logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every row's next token from its logits (B, V) under one set of options: the logit rules (and <eos> banned
+    while `ban_eos`), then greedy or sampled. Returns (token (B,), its log-probability under the model (B,) or None).
+    The one picking step of `generate`, streaming and the continuous batch (batching.py)."""
+    scores = constrain(logits, rules, seen=seen, ban_eos=ban_eos)
+    token = pick_token(scores, do_sample=opts.do_sample, temperature=opts.temperature, top_k=opts.top_k,
+                       top_p=opts.top_p, generator=opts.generator)
+    return token, model_logprobs(logits, rules).gather(1, token[:, None])[:, 0] if with_logprobs else None
 
 
 @torch.no_grad()
@@ -108,12 +120,10 @@ def _steps(model, input_ids, pixel_values, attention_mask, token_type_ids, opts:
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     so_far = []
     for step in range(max_new_tokens):
-        scores = constrain(logits, rules, seen=seen, ban_eos=step < opts.min_new_tokens)
-        token = pick_token(scores, do_sample=opts.do_sample, temperature=opts.temperature, top_k=opts.top_k,
-                           top_p=opts.top_p, generator=opts.generator)
+        token, logprob = next_token(logits, rules, opts, ban_eos=step < opts.min_new_tokens, seen=seen,
+                                    with_logprobs=with_logprobs)
         token = token.masked_fill(done, pad)
-        logprob = (model_logprobs(logits, rules).gather(1, token[:, None])[:, 0].masked_fill(done, 0.0)
-                   if with_logprobs else None)
+        logprob = logprob.masked_fill(done, 0.0) if with_logprobs else None
         yield token, logprob
         done = done | torch.isin(token, rules.eos)
         if opts.stop_strings:

@@ -18,6 +18,15 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def like(cls, other: "KVCache", batch: int, max_len: int) -> "KVCache":
+        """An empty cache of `other`'s layers, heads, dtype and device, for `batch` rows of `max_len` slots."""
+        cache = cls.__new__(cls)
+        L, _, KV, _, D = other.k.shape
+        cache.k = other.k.new_zeros(L, batch, KV, max_len, D)
+        cache.v = torch.zeros_like(cache.k)
+        return cache
+
     @property
     def max_len(self) -> int:
         return self.k.shape[3]

@@ -1,12 +1,11 @@
 """Streaming: the answer to one prompt as decoded text pieces while the tokens are generated
-(detokenize.IncrementalDecoder), whose concatenation is the final decoded string."""
+(answers.AnswerText), whose concatenation is the final decoded string."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from nanopali.inference.answers import model_inputs
-from nanopali.inference.detokenize import IncrementalDecoder
+from nanopali.inference.answers import AnswerText, model_inputs
 from nanopali.inference.generate import generate_tokens, tokenizer_settings
 from nanopali.inference.runtime import Runtime
 from nanopali.models.paligemma import PaliGemma
@@ -29,15 +28,14 @@ def stream(model: PaliGemma, processor, image, prompt: str, runtime: Runtime | N
 
 
 def _pieces(tokens, tokenizer) -> Iterator[str]:
-    eos = {tokenizer.eos_id}
-    decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    text = AnswerText(tokenizer)
     for token, _ in tokens:
         t = int(token[0])
-        if t in eos:
+        if t == tokenizer.eos_id:
             break
-        piece = decoder.push(t)
+        piece = text.push(t)
         if piece:
             yield piece
-    rest = decoder.finish()
+    rest, _ = text.finish()
     if rest:
         yield rest

@@ -35,6 +35,7 @@ from PIL import Image
 from nanopali.errors import ConfigError, MissingFileError, UsageError
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pixel_values
 from nanopali.inputs.tokenizer import Tokenizer, check_text
+from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.json_files import read_json as _read_json
 from nanopali.nn.losses import IGNORE_INDEX  # label of positions that carry no loss (prefix and padding)
 
@@ -203,10 +204,12 @@ class Processor:
         """Tokenizer files plus image settings from preprocessor_config.json / processor_config.json,
         falling back to config.json (image_size, num_image_tokens). `overrides` go to the constructor."""
         path = Path(path)
+        if path.is_file():
+            checkpoint_dir(path)  # raises: a file is not a checkpoint directory (an .npz is told how to load)
         if not path.is_dir():
             raise MissingFileError(f"checkpoint directory {path} does not exist")
         tokenizer = Tokenizer.from_pretrained(path)
-        settings, source = _image_settings(path)
+        settings, source = image_settings(path)
         model = _model_settings(path)
         for key, what in (("image_size", "the image size"), ("num_image_tokens", "the number of image tokens")):
             if key in settings and key in model and settings[key] != model[key]:
@@ -222,6 +225,25 @@ class Processor:
                 f"but the tokenizer has {tokenizer.image_token} at id {tokenizer.image_token_id}"
             )
         return cls(tokenizer, **{**settings, **overrides})
+
+    @classmethod
+    def from_config(cls, config, tokenizer: Tokenizer | str | Path, **overrides) -> "Processor":
+        """The processor of a checkpoint that is only weights (a big_vision .npz): `tokenizer` is a Tokenizer or
+        the path of a SentencePiece model (big_vision's `paligemma_tokenizer.model`, `<loc>`/`<seg>` baked in,
+        `<image>` appended after them), the image size and token count come from `config` (a PaliGemmaConfig),
+        and pixels are scaled to [-1, 1] as big_vision does. `overrides` go to the constructor."""
+        if not isinstance(tokenizer, Tokenizer):
+            if not Path(tokenizer).expanduser().is_file():
+                raise MissingFileError(f"tokenizer file {tokenizer} does not exist")
+            tokenizer = Tokenizer.from_pretrained(Path(tokenizer).expanduser())
+        rows = config.text_config.vocab_size
+        if tokenizer.image_token_id != config.image_token_index:
+            raise ConfigError(f"the tokenizer has {tokenizer.image_token} at id {tokenizer.image_token_id} but the config's "
+                              f"image_token_index is {config.image_token_index}: they do not belong together")
+        if len(tokenizer) > rows:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows "
+                              "(text_config.vocab_size): they do not belong together")
+        return cls(tokenizer, config.vision_config.image_size, config.num_image_tokens, **overrides)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the tokenizer files and a preprocessor_config.json that transformers reads too."""
@@ -286,7 +308,7 @@ def _images_per_prompt(images, num_prompts: int) -> list[list]:
     return per_prompt
 
 
-def _image_settings(path: Path) -> tuple[dict, str | None]:
+def image_settings(path: Path) -> tuple[dict, str | None]:
     """Constructor arguments from preprocessor_config.json and processor_config.json (flat or nested), and the file they came from."""
     pre = _read_json(path / "preprocessor_config.json")
     proc = _read_json(path / "processor_config.json")

@@ -66,10 +66,13 @@ class Tokenizer:
         added_tokens: Iterable[AddedToken] = (),
         special_tokens: dict[str, str] | None = None,
         extra_special_tokens: Iterable[str] = (),
+        paligemma_tokens: bool = True,
     ):
         """`model`: the SentencePiece model (bytes or a path). `added_tokens`: tokens with declared ids.
         `special_tokens`: role -> text for bos_token/eos_token/pad_token/unk_token/mask_token (missing roles
-        but mask are read from the model). `extra_special_tokens`: more tokens to treat as special (atomic, skipped in decode)."""
+        but mask are read from the model). `extra_special_tokens`: more tokens to treat as special (atomic, skipped in decode).
+        `paligemma_tokens=False` leaves out `<image>`, `<loc>` and `<seg>` where the files do not declare them (plain
+        Gemma text, e.g. SigLIP 2's text tower, whose embedding has rows only for the model's own ids)."""
         self._proto = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -95,9 +98,9 @@ class Tokenizer:
             i = self._lookup(text)
             old = self._added.get(text, AddedToken(text, self.vocab_size if i is None else i))
             self._add(AddedToken(text, old.id, True, old.lstrip, old.rstrip))
-        if self._lookup(IMAGE_TOKEN) is None:
+        if paligemma_tokens and self._lookup(IMAGE_TOKEN) is None:
             self._add(AddedToken(IMAGE_TOKEN, self.vocab_size, special=True))
-        for text in LOC_TOKENS + SEG_TOKENS:
+        for text in LOC_TOKENS + SEG_TOKENS if paligemma_tokens else ():
             if self._lookup(text) is None:
                 self._add(AddedToken(text, self.vocab_size))
         self._check_contiguous()
@@ -107,8 +110,8 @@ class Tokenizer:
         )
         self.image_token = IMAGE_TOKEN
         self.image_token_id = self._lookup(IMAGE_TOKEN)
-        self._loc_ids = [self._lookup(t) for t in LOC_TOKENS]
-        self._seg_ids = [self._lookup(t) for t in SEG_TOKENS]
+        self._loc_ids = [i for i in map(self._lookup, LOC_TOKENS) if i is not None]
+        self._seg_ids = [i for i in map(self._lookup, SEG_TOKENS) if i is not None]
         self._loc_value = {i: v for v, i in enumerate(self._loc_ids)}
         self._seg_value = {i: v for v, i in enumerate(self._seg_ids)}
         self._build_tables()
@@ -242,12 +245,16 @@ class Tokenizer:
         """Id of `<loc{i:04d}>`, 0 <= i < 1024."""
         if not 0 <= i < NUM_LOC:
             raise ValueError(f"location index {i} is outside 0..{NUM_LOC - 1}")
+        if len(self._loc_ids) != NUM_LOC:
+            raise TokenizerError("this tokenizer has no <loc> tokens (a plain Gemma text tokenizer)")
         return self._loc_ids[i]
 
     def seg_id(self, i: int) -> int:
         """Id of `<seg{i:03d}>`, 0 <= i < 128."""
         if not 0 <= i < NUM_SEG:
             raise ValueError(f"segmentation index {i} is outside 0..{NUM_SEG - 1}")
+        if len(self._seg_ids) != NUM_SEG:
+            raise TokenizerError("this tokenizer has no <seg> tokens (a plain Gemma text tokenizer)")
         return self._seg_ids[i]
 
     def is_loc(self, i: int) -> bool:
@@ -273,7 +280,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ files
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, path: str | Path, paligemma_tokens: bool = True) -> "Tokenizer":
         """Read `tokenizer.model` and the JSON files next to it from a directory (or a tokenizer.model path)."""
         path = Path(path)
         folder, model = (path, path / "tokenizer.model") if path.is_dir() else (path.parent, path)
@@ -281,7 +288,8 @@ class Tokenizer:
             hint = " (there is a tokenizer.json, but nanopali needs the SentencePiece model)" if (folder / "tokenizer.json").is_file() else ""
             raise MissingFileError(f"no tokenizer.model in {folder}{hint}")
         added, names, extra = _read_declarations(folder)
-        return cls(model, added_tokens=added, special_tokens=names, extra_special_tokens=extra)
+        return cls(model, added_tokens=added, special_tokens=names, extra_special_tokens=extra,
+                   paligemma_tokens=paligemma_tokens)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json and added_tokens.json (HF layout)."""

@@ -56,6 +56,10 @@ def checkpoint_dir(path: str | Path) -> Path:
     """`path` as a Path, checked to be a directory: a file (model.safetensors, config.json…) is a CheckpointError
     that says to pass its folder, a path that does not exist a MissingFileError."""
     path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        raise CheckpointError(f"{path} is a big_vision .npz, not a checkpoint directory: load it with its config "
+                              "(PaliGemma.from_big_vision, nanopali.load(..., config=), --config) or write a directory "
+                              "from it once with `nanopali convert`")
     if path.is_file():
         raise CheckpointError(f"{path} is a file; a model is a checkpoint directory (config.json, model.safetensors, "
                               f"tokenizer.model…): pass the folder that holds it")
@@ -163,9 +167,10 @@ def _name(key: str, file: Path, seen: dict, origin: dict[str, str]) -> str | Non
     return name
 
 
-def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str) -> None:
+def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str,
+                     hint: str = "does config.json match the weights?") -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor.
-    `state` maps names to tensors or to shapes."""
+    `state` maps names to tensors or to shapes; `hint` follows the title of the shape mismatches."""
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
     shape = {k: tuple(getattr(v, "shape", v)) for k, v in state.items()}  # tensors, or shapes (tensor_specs)
@@ -173,12 +178,20 @@ def check_state_dict(expected: dict[str, torch.Size], state: dict, where: str) -
                     for k, s in expected.items() if k in state and shape[k] != tuple(s))
     problems = []
     for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("shape mismatches (does config.json match the weights?)", shapes)):
+                         (f"shape mismatches ({hint})", shapes)):
         if items:
             shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
             problems.append(f"  {title} ({len(items)}):\n    {shown}")
     if problems:
         raise CheckpointError(f"checkpoint {where} does not fit the model:\n" + "\n".join(problems))
+
+
+def load_into(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
+    """Assign a checkpoint directory's tensors to `model` (built on the meta device), checked strictly first: the
+    file tensors become the parameters, converted to `dtype` one at a time, with no second copy of the weights."""
+    state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def parse_size(size: int | str) -> int:

@@ -20,13 +20,14 @@ import torch.nn as nn
 from nanopali.config import PaliGemmaConfig
 from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
-from nanopali.io import hf_checkpoint
+from nanopali.io import big_vision, hf_checkpoint
 from nanopali.models.gemma import GemmaDecoder
 from nanopali.models.siglip import SiglipVisionModel
 from nanopali.nn.losses import router_losses, suffix_loss
 from nanopali.nn.masks import positions_of, prefix_lm_inputs, sequence_mask
 from nanopali.nn.moe import Experts
 from nanopali.nn.norms import RMSNorm
+from nanopali.registry import resolve_config
 
 
 @dataclass
@@ -177,9 +178,11 @@ class PaliGemma(nn.Module):
         device: str | torch.device = "cpu",
         use_sliding_window: bool = True,
         progress: bool = False,
+        config: PaliGemmaConfig | str | Path | None = None,
     ) -> "PaliGemma":
         """Load a Hugging Face layout checkpoint directory (config.json + safetensors), in training mode as any
-        new module. Inference speed-ups and quantization are applied afterwards (nanopali.inference.prepare).
+        new module; or, when `path` ends in .npz, a big_vision checkpoint with `config=` (see `from_big_vision`).
+        Inference speed-ups and quantization are applied afterwards (nanopali.inference.prepare).
 
         The model is built on the meta device and the file tensors are assigned to it, converted
         to `dtype` one at a time: no second copy of the weights is ever made.
@@ -188,13 +191,44 @@ class PaliGemma(nn.Module):
         `dtype` is a floating torch.dtype or its name ("bfloat16", "bf16", "float32"…); `device` is checked to be
         usable here ("cuda" needs a GPU torch sees) before any file is read (nanopali.devices).
         """
+        if big_vision.is_npz(path):
+            return cls.from_big_vision(path, config, dtype, device, use_sliding_window, progress)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         path = hf_checkpoint.checkpoint_dir(path)
+        if config is not None:
+            raise UsageError(f"config= is for big_vision .npz files; {path} is a checkpoint directory, whose "
+                             "config.json gives the sizes")
         config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
         with torch.device("meta"):
             model = cls(config)
-        state = hf_checkpoint.load_state_dict(path, dtype=dtype, device=device, progress=progress)
-        hf_checkpoint.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+        hf_checkpoint.load_into(model, path, dtype, device, progress)
+        return model
+
+    @classmethod
+    def from_big_vision(
+        cls,
+        npz_path: str | Path,
+        config: PaliGemmaConfig | str | Path,
+        dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        use_sliding_window: bool = True,
+        progress: bool = False,
+    ) -> "PaliGemma":
+        """Load a checkpoint as Google's big_vision releases it (`paligemma-3b-pt-224.npz`,
+        `paligemma2-3b-pt-448.b16.npz`…; layout and memory in nanopali/io/big_vision.py).
+
+        The file does not say the model's sizes: `config` is a published size ("paligemma2-10b-448",
+        nanopali.registry), the path of a Hugging Face config.json, or a PaliGemmaConfig. Every array is
+        checked against it first. The release's 257152 embedding rows are padded with zero rows to the
+        config's (257216), so `<image>` has its row. `use_sliding_window=False` reproduces big_vision, which
+        has no sliding window; the default matches transformers (it only matters past 4096 tokens).
+        """
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        big_vision.check_file(npz_path)  # a wrong file is named before a missing config
+        config = resolve_config(config).replace(use_sliding_window=use_sliding_window)
+        with torch.device("meta"):
+            model = cls(config)
+        state = big_vision.load_state_dict(npz_path, config, dtype=dtype, device=device, progress=progress)
         model.load_state_dict(state, strict=True, assign=True)
         return model
 

@@ -1,13 +1,16 @@
 """Training data: JSONL files (one example a line) or any Python sequence/iterable of examples.
 
-    {"image": "relative/or/absolute/path.jpg", "prefix": "detect cat", "suffix": "<loc0123>… cat"}
+    {"image": "relative/or/absolute/path.jpg", "prefix": "detect cat", "suffix": "<loc0123>… cat"}   PaliGemma (Example)
+    {"image": "relative/or/absolute/path.jpg", "text": "a red circle above a blue square"}         SigLIP (Pair)
 
 Image paths are relative to the JSONL file. Every line is checked fully when the file is opened, so that
 nothing fails later at the batch that draws it: UTF-8 text, valid JSON, an object with the three string
 fields, an image file that exists and decodes completely (load_image: a JPEG truncated inside its data
 is caught, not only a bad header); and, given the processor, a prefix and suffix that tokenize, hold no
 `<image>` (the processor puts the image tokens in front of the prefix itself) and, with max_length, fit in
-it. A bad line is a DataError naming file:line and the reason; with `skip_bad=True` it is skipped and
+it; for a Pair, a text that tokenizes (a text longer than the text tower's fixed length is cut when batched, and
+counted in `truncated`). Fields beyond a Pair's two are kept in `extra` (e.g. a "label" for held-out zero-shot
+accuracy). A bad line is a DataError naming file:line and the reason; with `skip_bad=True` it is skipped and
 counted instead (`skipped`: the messages; `skipped_reasons`: how many per reason), and the trainer
 reports both. A binary file is refused as a whole. Examples passed as Python objects are not checked
 ahead: a bad one is a DataError naming it when its batch is made.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from nanopali.errors import DataError, ImageError, ImageNotFoundError, MissingFi
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, load_image
 
 FIELDS = ("image", "prefix", "suffix")
+PAIR_FIELDS = ("image", "text")
 
 
 @dataclass
@@ -41,6 +46,14 @@ class Example:
     suffix: str
     source: str = ""  # "file.jsonl:12", for error messages
     extra: dict = field(default_factory=dict)  # further fields of a dict item, e.g. labels for an auxiliary loss
+
+
+@dataclass
+class Pair:
+    image: object   # a path, PIL image, array … anything the SigLIPProcessor accepts
+    text: str
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # further fields, e.g. "label" for zero-shot accuracy
 
 
 class _BadLine(DataError):
@@ -54,12 +67,15 @@ class _BadLine(DataError):
 class JsonlDataset(Sequence):
     """The examples of a JSONL file, every line checked when it is opened (see the module's docstring).
 
-    `processor` (the model's Processor) enables the text checks; `max_length` the length check.
-    `sha256` is the file's digest (a resumed run refuses a changed file)."""
+    `processor` (the model's Processor) enables the text checks; `max_length` the length check. `fields` is FIELDS
+    (Examples, PaliGemma) or PAIR_FIELDS (Pairs, SigLIP). `sha256` is the file's digest (a resumed run refuses a
+    changed file)."""
 
-    def __init__(self, path: str | Path, skip_bad: bool = False, processor=None, max_length: int | None = None):
+    def __init__(self, path: str | Path, skip_bad: bool = False, processor=None, max_length: int | None = None,
+                 fields: tuple[str, ...] = FIELDS):
         self.path = Path(path)
-        self.processor, self.max_length = processor, max_length
+        self.processor, self.max_length, self.fields = processor, max_length, fields
+        self.truncated = 0  # Pairs whose text is longer than the text tower's length
         if self.path.is_dir():
             raise DataError(f"training data {self.path} is a directory, not a JSONL file")
         if not self.path.is_file():
@@ -107,9 +123,9 @@ class JsonlDataset(Sequence):
         except json.JSONDecodeError as e:
             raise _BadLine(where, "not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            raise _BadLine(where, "not a JSON object", f"expected a JSON object with fields {FIELDS}, "
+            raise _BadLine(where, "not a JSON object", f"expected a JSON object with fields {self.fields}, "
                                                        f"got {type(record).__name__}")
-        missing = [f for f in FIELDS if not isinstance(record.get(f), str)]
+        missing = [f for f in self.fields if not isinstance(record.get(f), str)]
         if missing:
             raise _BadLine(where, "missing fields", f"missing or non-string field(s) {missing}")
         image = Path(record["image"])
@@ -122,9 +138,21 @@ class JsonlDataset(Sequence):
         except (ImageError, ImageNotFoundError) as e:
             detail = str(e).removeprefix(f"{image}: ")
             raise _BadLine(where, "image cannot be read", f"image {image} cannot be read ({detail})") from None
+        if self.fields == PAIR_FIELDS:
+            if self.processor is not None:
+                self._check_pair_text(record["text"], where)
+            return Pair(image, record["text"], where, {k: v for k, v in record.items() if k not in PAIR_FIELDS})
         if self.processor is not None:
             self._check_text(record["prefix"], record["suffix"], where)
         return Example(image, record["prefix"], record["suffix"], where)
+
+    def _check_pair_text(self, text: str, where: str) -> None:
+        """The text is valid text and tokenizes; one longer than the text tower's length is counted (it is cut)."""
+        try:
+            ids = self.processor.tokenizer.encode(text)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise _BadLine(where, "text cannot be tokenized", f"cannot tokenize the text ({e})") from None
+        self.truncated += len(ids) > self.processor.max_length
 
     def _check_text(self, prefix: str, suffix: str, where: str) -> None:
         """The prefix and suffix tokenize, hold no <image>, and fit in max_length with the image tokens."""
@@ -159,16 +187,19 @@ class JsonlDataset(Sequence):
         return self.examples[i]
 
 
-def as_example(item, where: str) -> Example:
-    if isinstance(item, Example):
+def as_example(item, where: str, fields: tuple[str, ...] = FIELDS) -> Example | Pair:
+    """An Example (fields FIELDS) or a Pair (PAIR_FIELDS) from itself or a dict with those fields (others: extra)."""
+    kind = Pair if fields == PAIR_FIELDS else Example
+    if isinstance(item, kind):
         return item
-    if isinstance(item, dict) and all(f in item for f in FIELDS):
-        return Example(item["image"], item["prefix"], item["suffix"], where,
-                       {k: v for k, v in item.items() if k not in FIELDS})
-    raise DataError(f"{where}: expected an Example or a dict with fields {FIELDS}, got {type(item).__name__}")
+    if isinstance(item, dict) and all(f in item for f in fields):
+        return kind(*(item[f] for f in fields), where, {k: v for k, v in item.items() if k not in fields})
+    raise DataError(f"{where}: expected {'a Pair' if kind is Pair else 'an Example'} or a dict with fields {fields}, "
+                    f"got {type(item).__name__}")
 
 
-def example_stream(data: Sequence | Iterable, seed: int, start: int = 0) -> Iterator[Example]:
+def example_stream(data: Sequence | Iterable, seed: int, start: int = 0,
+                   fields: tuple[str, ...] = FIELDS) -> Iterator[Example | Pair]:
     """Examples from position `start` on: shuffled epochs for a sequence, in order for an iterable."""
     if isinstance(data, Sequence):
         n = len(data)
@@ -179,12 +210,23 @@ def example_stream(data: Sequence | Iterable, seed: int, start: int = 0) -> Iter
             epoch, offset = divmod(position, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
             for i in order[offset:]:
-                yield as_example(data[i], f"example {i}")
+                yield as_example(data[i], f"example {i}", fields)
                 position += 1
     else:
         for k, item in enumerate(data):
             if k >= start:
-                yield as_example(item, f"example {k}")
+                yield as_example(item, f"example {k}", fields)
+
+
+def collate_pairs(processor, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+    """SigLIPProcessor inputs of image-text pairs: pixel_values and fixed-length input_ids (long texts cut quietly:
+    JsonlDataset counted them)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return processor(images=[p.image for p in pairs], texts=[p.text for p in pairs])
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot make a batch of {[p.source for p in pairs]}: {e}") from e
 
 
 def collate(processor, examples: list[Example], max_length: int | None = None) -> dict[str, torch.Tensor]:

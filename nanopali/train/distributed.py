@@ -70,13 +70,14 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
-    """DDP for several processes, FSDP2 (sharded parameters and optimizer state) with fsdp=True."""
+def wrap(model: torch.nn.Module, d: Dist, fsdp: bool, layers: list[torch.nn.Module] = ()) -> torch.nn.Module:
+    """DDP for several processes, FSDP2 (sharded parameters and optimizer state) with fsdp=True: each of `layers`
+    (the model's transformer blocks) is sharded on its own, then the rest of the model."""
     if d.world == 1 and not fsdp:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        for layer in list(model.vision.encoder.layers) + list(model.decoder.layers):
+        for layer in layers:
             fully_shard(layer)
         fully_shard(model)
         return model

@@ -1,7 +1,12 @@
-"""The training loop: fine-tune (or train) PaliGemma on prefix/suffix examples, top to bottom.
+"""The training loop: fine-tune (or train) PaliGemma on prefix/suffix examples, or a contrastive SigLIP on
+image/text pairs, top to bottom.
 
     config = TrainConfig(model="ckpt", data="train.jsonl", out="runs/x", recipe="attention-only", steps=500)
     fit(config)                          # or fit(config, train_data=[{"image": ..., "prefix": ..., "suffix": ...}, ...])
+    fit(TrainConfig(model="siglip", data="pairs.jsonl", objective="siglip"))    # {"image": ..., "text": ...}
+
+What the loss is, which model and processor load, what a batch and an example are and how held-out data is
+scored belong to the objective (objectives.py: "suffix" for PaliGemma, "siglip" / "clip" for SigLIP).
 
 One step = grad_accum micro-batches of batch_size examples on each of the world-size processes;
 the loss of the step is the mean over the suffix tokens of the whole global batch (or over its
@@ -41,12 +46,11 @@ import torch
 from tqdm import tqdm
 
 from nanopali.errors import DataError, MissingFileError, NanopaliError, UsageError
-from nanopali.nn.losses import REDUCTIONS, count
+from nanopali.nn.losses import REDUCTIONS
 from nanopali.train import distributed, lora
 from nanopali.train.checkpoint import METRICS, PLOT
-from nanopali.train.data import Example, JsonlDataset, as_example, collate, example_stream
-from nanopali.train.evaluate import evaluate
-from nanopali.train.recipes import RECIPES
+from nanopali.train.data import Example, Pair, as_example, example_stream
+from nanopali.train.objectives import OBJECTIVES, check_options
 from nanopali.train.run_state import Run, begin_run, start_run
 
 
@@ -80,6 +84,7 @@ class TrainConfig:
     """
 
     model: str                          # checkpoint directory to start from
+    objective: str = "suffix"           # suffix (PaliGemma) | siglip | clip (a contrastive SigLIP; objectives.py)
     out: str = "runs/train"             # run directory: checkpoints, metrics.jsonl, loss.png
     data: str | None = None             # training JSONL (or pass train_data= to fit)
     eval: str | None = None             # held-out JSONL (or pass eval_data= to fit)
@@ -206,7 +211,7 @@ def _check_values(c: TrainConfig) -> None:
         ("eval_every", c.eval_every >= 0, "at least 0 (0: only at the end)"),
         ("eval_max_new_tokens", c.eval_max_new_tokens >= 1, "at least 1"),
         ("log_every", c.log_every >= 1, "at least 1"),
-        ("recipe", c.recipe in RECIPES, f"one of {', '.join(RECIPES)}"),
+        ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("lora_rank", c.lora_rank >= 0, "at least 0 (0: no LoRA)"),
         ("lora_alpha", finite(c.lora_alpha) and c.lora_alpha > 0, "a finite number > 0"),
         ("lora_dropout", 0 <= c.lora_dropout < 1, "at least 0 and below 1"),
@@ -216,6 +221,7 @@ def _check_values(c: TrainConfig) -> None:
     for name, ok, rule in rules:
         if not ok:
             raise UsageError(f"training option {name} ({_flag(name)}) must be {rule}, got {getattr(c, name)!r}")
+    check_options(c)  # the recipe and the options that depend on the objective
     if c.resume and c.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          f"{c.out}, --overwrite deletes it and starts over; pass one of them")
@@ -307,11 +313,11 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
     begun = begin_run(config, auxiliary)
     run = stop = None
     try:
-        train, held_out, sources = _datasets(config, train_data, eval_data, begun.processor)
+        train, held_out, sources = _datasets(config, train_data, eval_data, begun)
         run = start_run(config, auxiliary, begun, data_sha256=getattr(train, "sha256", None))
         metrics = run.out / METRICS
         _report_skipped(run, metrics, sources, to_metrics=begun.state is None)
-        stream = example_stream(train, config.seed, start=run.step * run.per_step)
+        stream = example_stream(train, config.seed, start=run.step * run.per_step, fields=run.objective.fields)
         was_complete = run.step >= config.steps
         bar = tqdm(total=config.steps, initial=run.step, disable=not run.d.main, desc="train", dynamic_ncols=True)
         # No host-device sync between log steps (losses and norms stay tensors until then, counts come from the
@@ -347,22 +353,24 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
     return final
 
 
-def _datasets(config: TrainConfig, train_data, eval_data, processor) -> tuple[object, list[Example] | None, list]:
+def _datasets(config: TrainConfig, train_data, eval_data, begun) -> tuple[object, list[Example | Pair] | None, list]:
     """The training examples (train_data, else config.data's JSONL, checked with the processor), the held-out
-    ones as Examples or None, and the JsonlDatasets opened (whose skipped lines are reported)."""
-    opened = []
+    ones as Examples (Pairs for a contrastive objective) or None, and the JsonlDatasets opened (whose skipped
+    lines are reported)."""
+    task, opened = begun.objective, []
     if train_data is not None:
         train = train_data
     elif config.data:
-        train = JsonlDataset(config.data, config.skip_bad, processor, config.max_length)
+        train = task.dataset(config.data, config, begun.processor)
         opened.append(("", train))
     else:
         raise UsageError("no training data: set data= (a JSONL file, --data) or pass train_data=")
     held_out = eval_data
     if held_out is None and config.eval:
-        held_out = JsonlDataset(config.eval, config.skip_bad, processor)
+        held_out = task.dataset(config.eval, config, begun.processor, held_out=True)
         opened.append(("eval_", held_out))
-    held_out = [as_example(e, f"eval example {i}") for i, e in enumerate(held_out)] if held_out is not None else None
+    held_out = ([as_example(e, f"eval example {i}", task.fields) for i, e in enumerate(held_out)]
+                if held_out is not None else None)
     return train, held_out, opened
 
 
@@ -375,6 +383,10 @@ def _report_skipped(run: Run, metrics: Path, opened: list, to_metrics: bool) -> 
             tqdm.write(f"nanopali: {ds.path}: {ds.skip_summary()} (first: {ds.skipped[0]})", file=sys.stderr)
             record.update({f"{key}data": str(ds.path), f"{key}skipped_examples": len(ds.skipped),
                            f"{key}skipped_reasons": dict(ds.skipped_reasons), f"{key}skipped_lines": ds.skipped[:100]})
+        if ds.truncated and run.d.main:  # contrastive pairs whose text is cut to the text tower's length
+            tqdm.write(f"nanopali: note: {ds.path}: {ds.truncated} texts are longer than the text tower's "
+                       f"{run.processor.max_length} tokens and are cut", file=sys.stderr)
+            record.update({f"{key}data": str(ds.path), f"{key}truncated_texts": ds.truncated})
     if record and to_metrics:
         _log(run, metrics, {"step": 0, **record})
 
@@ -402,9 +414,8 @@ def _micro_batches(run: Run, stream: Iterator[Example], meter: _Meter) -> list[t
                             f"{config.steps * run.per_step} examples; pass a sequence (repeated in epochs) or more "
                             "examples, or fewer steps") from None
         mine = examples[d.rank * config.batch_size:(d.rank + 1) * config.batch_size]
-        batch = collate(run.processor, mine, config.max_length)
-        n = count(batch["labels"], config.loss_reduction)
-        meter.tokens += int(batch["attention_mask"].sum())
+        batch, n, tokens = run.objective.batch(run.processor, mine, config)
+        meter.tokens += tokens
         micro.append((_to_device(batch, d.device), mine, n))
     return micro
 
@@ -423,10 +434,10 @@ def _train_step(run: Run, micro: list[tuple[dict, list[Example], int]], meter: _
     for i, (batch, examples, _) in enumerate(micro):
         sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-            out = wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
-                          denominator=max(total, 1) / d.world, **router)
-            loss, lm_loss = out.loss, out.loss if out.lm_loss is None else out.lm_loss
-            if out.expert_counts is not None:
+            out = run.objective.forward(wrapped, batch, config, denominator=max(total, 1) / d.world, **router)
+            loss = lm_loss = out.loss
+            if getattr(out, "expert_counts", None) is not None:  # mixture of experts: `loss` has the router losses
+                lm_loss = out.lm_loss
                 _add_router(meter, out, len(micro))
             if run.auxiliary is not None:  # on the features this forward just made: (B, P, D)
                 aux = run.auxiliary(run.captured.pop(), examples) / len(micro)
@@ -483,8 +494,8 @@ def _evaluate(run: Run, examples: list[Example]) -> dict:
     config, d, result = run.config, run.d, {}
     if d.main or config.fsdp:
         with distributed.root_unsharded(run.wrapped):
-            result = {f"eval/{k}": v for k, v in evaluate(distributed.unwrap(run.wrapped), run.processor, examples,
-                                                          config.batch_size, config.eval_max_new_tokens).items()}
+            model = distributed.unwrap(run.wrapped)
+            result = {f"eval/{k}": v for k, v in run.objective.evaluate(model, run.processor, examples, config).items()}
     d.barrier()
     return result
 

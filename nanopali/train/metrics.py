@@ -4,6 +4,7 @@
     vqa_match(" A circle.", "circle")                  # 1.0: case, punctuation and articles ignored
     best_ious([("cat", box)], [("cat", box2)])         # best same-label IoU per true object
     answer_metrics(prefix, prediction, truth, size)    # training's metrics of one example
+    retrieval_recalls(logits, image_texts, texts)       # contrastive models: recall@k image->text and text->image
 
 Both evaluators (train/evaluate.py during `fit`, world/eval.py on generated scenes) name tasks, compare
 text and match boxes through these functions, so a metric means the same thing in both places.
@@ -88,6 +89,25 @@ def answer_metrics(prefix: str, prediction: str, truth: str, size: tuple[int, in
             out += [(f"{task}/mean_iou", b), (f"{task}/recall@0.5", float(b >= 0.5))]
         if n_pred:
             out.append((f"{task}/precision@0.5", min(sum(b >= 0.5 for b in best), n_pred) / n_pred))
+    return out
+
+
+def retrieval_recalls(logits, image_texts: Sequence[str], texts: Sequence[str], ks=(1, 5)) -> dict[str, float]:
+    """Recall@k both ways of an (N_img, N_txt) similarity matrix against distinct `texts`, image i's own text being
+    image_texts[i]. Captions repeat (two images of "a red circle"), so the texts are distinct and a text's match is
+    any image whose own text it is: image->text hits when its text is among the top k; text->image when one of the
+    top k images has that text (averaged over the texts)."""
+    import torch
+
+    column = {t: j for j, t in enumerate(texts)}
+    gold = torch.tensor([column[t] for t in image_texts])                         # (N_img,)
+    relevant = gold[:, None] == torch.arange(len(texts))[None, :]                  # (N_img, N_txt)
+    out = {}
+    for k in ks:
+        top_texts = logits.topk(min(k, len(texts)), dim=1).indices                 # (N_img, k)
+        out[f"i2t/recall@{k}"] = (top_texts == gold[:, None]).any(1).float().mean().item()
+        top_images = logits.topk(min(k, len(image_texts)), dim=0).indices          # (k, N_txt)
+        out[f"t2i/recall@{k}"] = relevant.gather(0, top_images).any(0).float().mean().item()
     return out
 
 

@@ -7,6 +7,11 @@ Recipes (big_vision's PaliGemma transfer configs freeze the same way, by name pa
     attention-only   only the decoder's attention projections (big_vision's low-memory recipe)
     projector-only   only the linear projector (the alignment stage)
 
+and for a contrastive SigLIP (CONTRASTIVE_RECIPES): full; freeze-vision (LiT, "locked-image tuning": the text
+tower, temperature and bias learn to match a fixed image tower); freeze-vision-encoder (the same, but the image
+tower's attention-pooling head learns too: for a tower that comes without a trained head, e.g. PaliGemma's);
+freeze-text (the other way round).
+
 Weight decay is decoupled (AdamW) and skips norms, biases and embeddings. `lr_scale` multiplies
 the learning rate of parameters matching a pattern, e.g. {"multi_modal_projector.*": 10}.
 The schedule is a linear warm-up to the peak learning rate, then a cosine down to min_lr_ratio.
@@ -27,20 +32,26 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "attention-only": ("language_model.model.layers.*.self_attn.*",),
     "projector-only": ("multi_modal_projector.*",),
 }
-NO_DECAY = ("*norm*", "*.bias", "*embed_tokens*", "*position_embedding*")
+CONTRASTIVE_RECIPES: dict[str, tuple[str, ...]] = {
+    "full": ("*",),
+    "freeze-vision": ("text_model.*", "logit_*"),
+    "freeze-vision-encoder": ("text_model.*", "logit_*", "vision_model.head.*"),
+    "freeze-text": ("vision_model.*", "logit_*"),
+}
+NO_DECAY = ("*norm*", "*.bias", "*embed_tokens*", "*position_embedding*", "*token_embedding*", "logit_*", "*.probe")
 
 
 def _matches(name: str, patterns) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def apply_recipe(model: torch.nn.Module, recipe: str) -> list[str]:
-    """Freeze every parameter the recipe does not name; return the names left trainable."""
-    if recipe not in RECIPES:
-        raise UsageError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+def apply_recipe(model: torch.nn.Module, recipe: str, recipes: dict[str, tuple[str, ...]] = RECIPES) -> list[str]:
+    """Freeze every parameter the recipe (of `recipes`) does not name; return the names left trainable."""
+    if recipe not in recipes:
+        raise UsageError(f"unknown recipe {recipe!r}; known recipes: {', '.join(recipes)}")
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(_matches(name, RECIPES[recipe]))
+        p.requires_grad_(_matches(name, recipes[recipe]))
         if p.requires_grad:
             trainable.append(name)
     return trainable

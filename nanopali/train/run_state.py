@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanopali.errors import MissingFileError, UsageError
-from nanopali.inputs.processor import Processor
 from nanopali.io.hf_checkpoint import save_state_dict
-from nanopali.models.paligemma import PaliGemma
 from nanopali.train import checkpoint, distributed, lora
+from nanopali.train.objectives import Contrastive, Suffix, objective
 from nanopali.train.recipes import apply_recipe, optimizer, schedule
 
 if TYPE_CHECKING:
@@ -45,9 +44,9 @@ class Run:
     config: TrainConfig
     d: distributed.Dist
     out: Path
-    model: PaliGemma
+    model: torch.nn.Module          # PaliGemma, or SigLIP for a contrastive objective
     wrapped: torch.nn.Module
-    processor: Processor
+    processor: object               # the model's Processor / SigLIPProcessor
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     step: int = 0
@@ -58,6 +57,7 @@ class Run:
     hook: torch.utils.hooks.RemovableHandle | None = None
     data_sha256: str | None = None  # the training file's digest, saved with each checkpoint
     saved_step: int | None = None   # the step of the checkpoint on disk that this run wrote or resumed from
+    objective: Suffix | Contrastive = field(default_factory=Suffix)  # what the run optimizes (objectives.py)
 
     @property
     def per_step(self) -> int:
@@ -118,13 +118,14 @@ class Begun:
     out: Path
     resume_from: Path | None
     state: dict | None
-    processor: Processor
+    processor: object
+    objective: Suffix | Contrastive
 
 
 # The options that shape the weights a run ends with: a resume must not change them (TrainConfig's docstring).
 RESUME_OPTIONS = ("recipe", "steps", "batch_size", "grad_accum", "lr", "lr_scale", "weight_decay", "warmup_steps",
                   "min_lr_ratio", "max_grad_norm", "bf16", "loss_reduction", "label_smoothing", "max_length", "seed",
-                  "data", *lora.OPTIONS)
+                  "data", "objective", *lora.OPTIONS)
 
 
 def begin_run(config: TrainConfig, auxiliary: torch.nn.Module | None = None) -> Begun:
@@ -132,6 +133,9 @@ def begin_run(config: TrainConfig, auxiliary: torch.nn.Module | None = None) -> 
     overwriting) and the resumed state (options compared) and the processor: every refusal before anything
     is loaded or changed. start_run then changes the directory (overwrite, trimmed metrics)."""
     d = distributed.setup(config.device)
+    task = objective(config.objective)
+    if auxiliary is not None and task.name != "suffix":
+        raise UsageError(f"an auxiliary loss works on PaliGemma's vision tokens; --objective {task.name} takes none")
     if auxiliary is not None and d.world > 1:
         raise UsageError("an auxiliary loss trains in one process only: its parameters are outside DDP/FSDP")
     out = Path(config.out)
@@ -141,10 +145,10 @@ def begin_run(config: TrainConfig, auxiliary: torch.nn.Module | None = None) -> 
     if state is not None:
         _check_resume(config, state, resume_from, auxiliary, d)
     try:
-        processor = Processor.from_pretrained(resume_from or config.model)
+        processor = task.processor(resume_from or config.model)
     except FileNotFoundError as e:
         raise e if isinstance(e, MissingFileError) else MissingFileError(str(e)) from None
-    return Begun(d, out, resume_from, state, processor)
+    return Begun(d, out, resume_from, state, processor, task)
 
 
 def _prepare_out(begun: Begun, config: TrainConfig) -> None:
@@ -257,11 +261,12 @@ def start_run(config: TrainConfig, auxiliary: torch.nn.Module | None = None, beg
                          "differs from the checkpoint's); resume with the data the run was started with, or start a new "
                          f"run from that checkpoint (--model {resume_from} --out NEW_DIR)")
     torch.manual_seed(config.seed)
-    model, processor = _load_model(config, resume_from, state, d.device)
-    wrapped = distributed.wrap(model, d, config.fsdp)
+    model, processor = _load_model(config, begun.objective, resume_from, state, d.device)
+    wrapped = distributed.wrap(model, d, config.fsdp, begun.objective.layers(model))
     opt = optimizer(wrapped, config.lr, config.weight_decay, config.lr_scale)
     sched = schedule(opt, config.warmup_steps, config.steps, config.min_lr_ratio)
-    run = Run(config, d, out, model, wrapped, processor, opt, sched, data_sha256=data_sha256)
+    run = Run(config, d, out, model, wrapped, processor, opt, sched, data_sha256=data_sha256,
+              objective=begun.objective)
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(wrapped, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -285,11 +290,11 @@ def _check_lr_scale(run: Run) -> None:
                          f"{names[0]!r} (see model.named_parameters())")
 
 
-def _load_model(config: TrainConfig, resume_from: Path | None, state: dict | None,
-                device: torch.device) -> tuple[PaliGemma, Processor]:
+def _load_model(config: TrainConfig, task: Suffix | Contrastive, resume_from: Path | None, state: dict | None,
+                device: torch.device) -> tuple[torch.nn.Module, object]:
     """The model to train, in training mode with LoRA adapters or the freezing recipe applied, and its processor."""
-    model = PaliGemma.from_pretrained(resume_from or config.model, device=device)
-    processor = Processor.from_pretrained(resume_from or config.model)
+    model = task.model(resume_from or config.model, device)
+    processor = task.processor(resume_from or config.model)
     if state is not None and (config.lora_rank or state["config"].get("lora_rank")):
         lora.check_resume_options(state["config"], asdict(config))
         lora.restore_base_weights(model, config.model, config.lora_targets)  # the checkpoint holds merged weights
@@ -298,7 +303,7 @@ def _load_model(config: TrainConfig, resume_from: Path | None, state: dict | Non
         if state is not None:
             lora.load_adapter(model, state["lora"])
     else:
-        apply_recipe(model, config.recipe)
+        apply_recipe(model, config.recipe, task.recipes)
     model.gradient_checkpointing(config.activation_checkpointing)
     model.train()
     return model, processor
@@ -335,7 +340,7 @@ def _model_state(model: torch.nn.Module, config: TrainConfig) -> tuple[dict, dic
     return lora.merge(state, config.lora_alpha / config.lora_rank) if config.lora_rank else (state, None)
 
 
-def _write_model(state: dict, model_config, processor: Processor):
+def _write_model(state: dict, model_config, processor):
     """A function writing config.json, the weights and the processor files into a directory."""
     def write(path: Path) -> None:
         model_config.save_pretrained(path)

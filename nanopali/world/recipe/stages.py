@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import nanopali
-from nanopali import PaliGemma, PaliGemmaConfig, Processor, TextConfig, Tokenizer, VisionConfig
+from nanopali import PaliGemma, PaliGemmaConfig, Processor, SigLIP, TextConfig, Tokenizer, VisionConfig
 from nanopali.paths import DEFAULT_MODEL_DIR
 from nanopali.tasks.vqvae import CHECKPOINT_NAME
 from nanopali.train import TrainConfig, checkpoint, fit
@@ -127,17 +127,34 @@ def stage_warmup(work: Path) -> Path:
     return out
 
 
-def stage_train(work: Path) -> Path:
-    """The first cycle: the whole model with nanopali's trainer, checkpointed, resumable."""
-    config = TrainConfig(model=str(stage_warmup(work)), out=str(work / "run"), resume=True, **TRAIN)
+def stage_siglip_init(work: Path, siglip: Path) -> Path:
+    """The init stage's model with the vision tower of a contrastive SigLIP checkpoint (its pooling head left out), in
+    place of the per-patch warm-up: PaliGemma's own recipe, a SigLIP first and then the multimodal stage."""
+    out = work / "init-siglip"
+    if not (out / "config.json").is_file():
+        model = PaliGemma.from_pretrained(stage_init(work))
+        tower = {k: v for k, v in SigLIP.from_pretrained(siglip).vision_model.state_dict().items()
+                 if not k.startswith("head.")}
+        model.vision.load_state_dict(tower, strict=True)  # the same tower: a shape or name difference is an error
+        model.save_pretrained(out)
+        Processor.from_pretrained(stage_init(work)).save_pretrained(out)
+        (out / "vision_from.txt").write_text(f"{Path(siglip).resolve()}\n")
+    return out
+
+
+def stage_train(work: Path, vision_from: Path | None = None) -> Path:
+    """The first cycle: the whole model with nanopali's trainer, checkpointed, resumable; from the warm-up's tower,
+    or from a SigLIP's with `vision_from` (the make_default_model.py option --vision-from)."""
+    start = stage_warmup(work) if vision_from is None else stage_siglip_init(work, vision_from)
+    config = TrainConfig(model=str(start), out=str(work / "run"), resume=True, **TRAIN)
     return fit(config, train_data=WorldExamples(stage_data(work)))
 
 
-def stage_more(work: Path, start: Path | None = None) -> Path:
+def stage_more(work: Path, start: Path | None = None, vision_from: Path | None = None) -> Path:
     """The MORE cycles, each resumed or skipped when done. `start`, a checkpoint in a directory named like
     RUNS (e.g. copied from another machine), stands for its cycle: only the cycles after it are run."""
     if start is None:
-        source, done = finished(work / "run", TRAIN["steps"]) or stage_train(work), 1
+        source, done = finished(work / "run", TRAIN["steps"]) or stage_train(work, vision_from), 1
     elif start.parent.name == RUNS[-1]:
         raise SystemExit(f"--start {start}: {RUNS[-1]} is the recipe's last cycle; there is no cycle after it to train")
     elif start.parent.name in RUNS and (start / "config.json").is_file():
