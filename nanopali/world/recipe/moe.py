@@ -45,7 +45,7 @@ from nanopali.train.upcycle import upcycle
 from nanopali.world.eval import evaluate_world
 from nanopali.world.recipe.cycles import IMAGE_SIZE, MORE, TRAIN, finished, patch_loss, train_options
 from nanopali.world.recipe.data import WorldExamples, write_split
-from nanopali.world.recipe.stages import _smooth_codes
+from nanopali.world.recipe.stages import ship_checkpoint, smooth_locs
 
 SEEDS = {"data": 2, "init": 22, "score": 17}       # world seed of the new scenes (the training seed), init, scores
 NEW_SCENES = (150000, 20000)                        # scenes 150000-169999 of the training seed: no cycle saw them
@@ -86,12 +86,7 @@ def stage_init(work: Path) -> dict[str, Path]:
         for name, text in (("init-dense", {}), ("init-moe", SCRATCH_MOE)):
             torch.manual_seed(SEEDS["init"])
             config = replace(shipped.config, text_config=replace(shipped.config.text_config, **text))
-            model = PaliGemma(config).init_weights()
-            with torch.no_grad():
-                locs = [tokenizer.token_to_id(f"<loc{k:04d}>") for k in range(1024)]
-                embed = model.decoder.embed_tokens.weight
-                embed[locs] = 0.02 * (0.5 * embed[locs] / 0.02 + 0.5 * _smooth_codes(1024, embed.shape[1]))
-            models[name] = model
+            models[name] = smooth_locs(PaliGemma(config).init_weights(), tokenizer)
         shared = {k: v for k, v in models["init-dense"].state_dict().items() if ".mlp." not in k}  # decoder, but MLPs
         shared.update({k: v for k, v in shipped.state_dict().items()
                        if k.startswith(("vision_tower.", "multi_modal_projector."))})
@@ -224,11 +219,6 @@ def stage_report(work: Path) -> str:
 def stage_ship(work: Path, pair: str) -> Path:
     """Copy the MoE run of `pair` ("scratch" or "upcycle") to MOE_MODEL_DIR in bf16, with tokenizer and VQ-VAE."""
     source = finished(work / f"{pair}-moe", RUNS[f"{pair}-moe"][1]["steps"])
-    if MOE_MODEL_DIR.exists():
-        shutil.rmtree(MOE_MODEL_DIR)
-    PaliGemma.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(MOE_MODEL_DIR)
-    Processor.from_pretrained(source).save_pretrained(MOE_MODEL_DIR)
-    shutil.copy(DEFAULT_MODEL_DIR / CHECKPOINT_NAME, MOE_MODEL_DIR / CHECKPOINT_NAME)
-    for f in MOE_MODEL_DIR.iterdir():
-        f.chmod(0o644)
-    return MOE_MODEL_DIR
+    if source is None:
+        raise SystemExit(f"{pair}-moe has not finished training: run its train stage first")
+    return ship_checkpoint(source, MOE_MODEL_DIR, DEFAULT_MODEL_DIR / CHECKPOINT_NAME)
