@@ -57,5 +57,6 @@ def model_dir(path: str | Path | None) -> Path:
     if not (NAMED[name] / "config.json").is_file():
         raise MissingFileError(f"no {name!r} model ships with this nanopali (nothing at {NAMED[name]}; BENCHMARKS.md, "
                                f"'Mixture of experts', says why): make one with `python scripts/make_moe_model.py "
-                               f"--work runs/moe` and then `--stage ship --pair upcycle`, or pass a checkpoint directory")
+                               f"--work runs/moe` and then `--stage ship --pair upcycle`, or pass a checkpoint "
+                               f"directory")
     return NAMED[name]

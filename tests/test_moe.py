@@ -324,3 +324,30 @@ def test_the_moe_name_says_that_no_moe_model_ships_and_loads_one_that_does(base,
     upcycle(PaliGemma.from_pretrained(base), 4, 2).save_pretrained(folder)
     Processor.from_pretrained(base).save_pretrained(folder)
     assert load("moe").model_dir == folder
+
+
+def test_the_world_runs_paired_sign_tests_and_shipping_condition(tmp_path):
+    """recipe/moe.py's paired comparison: per-task win/loss counts over the same (scene, prompt) examples, the sign
+    test equal to scipy's exact binomial test, and the condition decided before scoring."""
+    stats = pytest.importorskip("scipy.stats")
+    from nanopali.world.recipe.moe import paired, passes_rule, sign_test
+    for wins, losses in ((0, 0), (6, 4), (514, 420), (0, 9), (124, 153)):
+        expected = stats.binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+        assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-9)
+    scores = {"moe": [1, 1, 1, 0, 0.5, 1], "dense": [0, 0, 1, 1, 0.25, 1]}
+    tasks = ["vqa/how many", "vqa/where", "caption", "caption", "segment", "ocr"]
+    for kind, values in scores.items():
+        records = [{"scene": i, "prefix": f"p{i}", "task": task, "score": value}
+                   for i, (task, value) in enumerate(zip(tasks, values))]
+        (tmp_path / f"records-x-{kind}.json").write_text(json.dumps(records))
+    tests = paired(tmp_path, "x")
+    assert {task: counts[:2] for task, counts in tests.items()} == {
+        "caption": (0, 1), "ocr": (0, 0), "segment": (1, 0), "vqa": (2, 0), "vqa/how many": (1, 0), "vqa/where": (1, 0)}
+    assert tests["vqa"][2] == sign_test(2, 0) == 0.5 and not passes_rule(tests)
+    assert passes_rule({"vqa": (30, 10, 0.002), "detect": (5, 9, 0.4)})
+    assert not passes_rule({"vqa": (30, 10, 0.002), "detect": (5, 30, 1e-5)})  # worse somewhere: refused
+    assert not passes_rule({"vqa": (10, 30, 0.002)})                             # significant, the wrong way
+    one = [{"scene": 0, "prefix": "p0", "task": "ocr", "score": 1}]
+    (tmp_path / "records-x-dense.json").write_text(json.dumps(one))
+    with pytest.raises(ValueError, match="not scored on the same examples"):
+        paired(tmp_path, "x")

@@ -195,8 +195,8 @@ def paired(work: Path, pair: str) -> dict[str, tuple[int, int, float]]:
 def passes_rule(tests: dict[str, tuple[int, int, float]]) -> bool:
     """The condition decided before scoring (module docstring): better at p < 0.05 on captions or on all VQA
     questions, worse at p < 0.05 on no task. Necessary for shipping an MoE, not sufficient."""
-    better = any(w > l and p < 0.05 for task, (w, l, p) in tests.items() if task in ("caption", "vqa"))
-    return better and not any(l > w and p < 0.05 for w, l, p in tests.values())
+    better = any(wins > losses and p < 0.05 for task, (wins, losses, p) in tests.items() if task in ("caption", "vqa"))
+    return better and not any(losses > wins and p < 0.05 for wins, losses, p in tests.values())
 
 
 def stage_report(work: Path) -> str:
@@ -208,7 +208,7 @@ def stage_report(work: Path) -> str:
         if not all((work / f"records-{pair}-{kind}.json").is_file() for kind in ("moe", "dense")):
             continue
         tests = paired(work, pair)
-        lines += [f"| {pair} | {task} | {w} | {l} | {p:.3g} |" for task, (w, l, p) in tests.items()]
+        lines += [f"| {pair} | {task} | {wins} | {losses} | {p:.3g} |" for task, (wins, losses, p) in tests.items()]
         verdicts.append(f"{pair}: the MoE {'meets' if passes_rule(tests) else 'fails'} the rule's condition for "
                         f"shipping (necessary, not sufficient)")
     text = "\n".join(lines + [""] + verdicts) + "\n"
