@@ -8,8 +8,11 @@ embedding): scale = max|w| / 127, w ≈ round(w / scale) · scale. Activations s
 int4: the same linear layers group-wise, as gpt-fast does: each run of G (128) weights along the input
 gets its own scale and zero, w ≈ (q - 8) · scale + zero, q in 0..15, packed two per byte as torch's
 `_weight_int4pack_mm_for_cpu` wants; the embedding stays int8, and a layer the kernel cannot take stays int8.
-The products run through cpu_kernels.CpuKernels. The SigLIP tower and the projector are not quantized:
-they run once per image. A quantized model is for inference only: `save_pretrained` refuses it.
+A mixture-of-experts layer's experts are quantized the same way, each expert matrix on its own (int8 per
+row; int4 per group, packed expert by expert), into a cpu_kernels.FastExperts; its router (`gate`) stays in
+float, since a rounded router picks other experts. The products run through cpu_kernels.CpuKernels. The SigLIP
+tower and the projector are not quantized: they run once per image. A quantized model is for inference only:
+`save_pretrained` refuses it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopali.errors import UsageError
-from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, unpack_int4
+from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, FastExperts, unpack_int4
 from nanopali.models.paligemma import PaliGemma
+from nanopali.nn.moe import Experts, SparseMoE
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel takes
@@ -85,6 +89,15 @@ def quantize_groups(weight: torch.Tensor, group: int, chunk: int = 4096) -> tupl
     return q, scales_and_zeros
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int32 (N, K) in 0..15 -> uint8 (N, K / 2) as torch's CPU int4 kernel wants it, checked to unpack to q."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    if not torch.equal(unpack_int4(packed, *q.shape), q.to(torch.uint8)):
+        raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout cpu_kernels.unpack_int4 does "
+                           "not know; int4 is not supported with this torch (use int8)")
+    return packed
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear layer with group-wise int4 weights, packed as torch's CPU int4 kernel wants them."""
 
@@ -95,11 +108,7 @@ class Int4Linear(nn.Module):
             raise ValueError("Int4Linear quantizes bias-free layers only (the Gemma decoder's)")
         N, K = linear.weight.shape
         q, scales_and_zeros = quantize_groups(linear.weight, group)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-        if not torch.equal(unpack_int4(packed, N, K), q.to(torch.uint8)):
-            raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout cpu_kernels.unpack_int4 does "
-                               "not know; int4 is not supported with this torch (use int8)")
-        self.register_buffer("weight", packed)                                   # uint8 (N, K / 2)
+        self.register_buffer("weight", pack_int4(q))                             # uint8 (N, K / 2)
         # in the layer's dtype, as the kernel wants them (bf16 for a bf16 model)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(linear.weight.dtype))
         self.in_features, self.out_features, self.group = K, N, group
@@ -131,6 +140,26 @@ class Int8Embedding(nn.Module):
         return self.kernels.linear(h, self.weight, self.scale)
 
 
+def quantize_experts(experts: Experts, mode: str, group_size: int, kernels: CpuKernels) -> FastExperts:
+    """A mixture of experts' fused (E, N, K) weights, each expert matrix quantized as a linear layer's would be."""
+    buffers = {}
+    for name, scale in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
+        weight = getattr(experts, name).detach()
+        E, N, K = weight.shape
+        group = int4_group(N, K, preferred=group_size) if mode == "int4" else None
+        if group is None:
+            q, s = quantize_rows(weight.reshape(E * N, K))
+            buffers[name], buffers[scale] = q.view(E, N, K), s.view(E, N)
+            continue
+        packed, scales = [], []
+        for w in weight:
+            q, scales_and_zeros = quantize_groups(w, group)
+            packed.append(pack_int4(q))
+            scales.append(scales_and_zeros.to(weight.dtype))
+        buffers[name], buffers[scale] = torch.stack(packed), torch.stack(scales)   # (E, N, K/2), (E, K/G, N, 2)
+    return FastExperts(experts, kernels, quantized=buffers)
+
+
 def _quantized_linear(linear: nn.Linear, mode: str, group_size: int, kernels: CpuKernels) -> nn.Module:
     group = int4_group(*linear.weight.shape, preferred=group_size) if mode == "int4" else None
     return Int8Linear(linear, kernels) if group is None else Int4Linear(linear, group, kernels)
@@ -153,7 +182,11 @@ def quantize(model: PaliGemma, mode: str = "int8", kernels: CpuKernels = PLAIN, 
         raise ValueError(f"the model is already quantized ({quantized_mode(model)})")
     decoder = model.decoder
     for layer in decoder.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        parents = [layer.self_attn, layer.mlp]
+        if isinstance(layer.mlp, SparseMoE):  # experts as a whole, the shared expert's linears; the router stays float
+            layer.mlp.experts = quantize_experts(layer.mlp.experts, mode, group_size, kernels)
+            parents[1:] = [layer.mlp.shared_expert] if layer.mlp.shared_expert is not None else []
+        for parent in parents:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, _quantized_linear(child, mode, group_size, kernels))  # the float weight is dropped here, layer by layer
