@@ -49,8 +49,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def busy_other() -> float:
-    """Seconds of CPU all processes used so far (from /proc/stat), to tell how busy the machine was."""
+def busy_all() -> float:
+    """Seconds of CPU all processes used so far (from /proc/stat); minus the workers' own, how busy the machine was."""
     fields = open("/proc/stat").readline().split()[1:]
     return sum(map(int, fields[:3])) / os.sysconf("SC_CLK_TCK")
 
@@ -169,6 +169,11 @@ def worker_loss(impl: str, global_batch: int, dim: int) -> dict | None:
 
 # ------------------------------------------------------------------------------------ driver
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_worker(args: list[str], world: int = 1) -> dict:
     # A fixed mmap threshold: glibc then returns every freed large tensor to the system at once, so the peak RSS
     # follows the peak of live memory (with its default, rising threshold, freed blocks stay in the heap).
@@ -176,14 +181,15 @@ def run_worker(args: list[str], world: int = 1) -> dict:
            "MALLOC_MMAP_THRESHOLD_": "131072"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone"]
                 if world > 1 else [sys.executable])
-    before = busy_other()
+    before, own_before = busy_all(), _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run([*launcher, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"worker {args} failed:\n{proc.stderr[-4000:]}")
     wall = time.perf_counter() - start
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    result["cpu_share"] = (busy_other() - before) / (wall * os.cpu_count())
+    others = (busy_all() - before) - (_children_cpu() - own_before)
+    result["cpu_share"] = max(0.0, others) / (wall * os.cpu_count())
     return result
 
 
@@ -223,7 +229,7 @@ def main() -> None:
         rows = alternate(("open_clip", "nanopali"), ["train", str(args.batch), str(args.steps)], args.rounds)
         print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.rounds} x {args.steps} steps, "
               "each worker after a warm-up step)")
-        print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | machine busy |")
+        print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | others' CPU share |")
         print("|---|---|---|---|---|---|---|---|")
         ref = rows["open_clip"]
         for fw, r in rows.items():

@@ -241,12 +241,13 @@ STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": 
 # log 10 and -10; CLIP: log 1/0.07), both at 10x the lr; only the objective and the batch size (hence the number of
 # steps) change.
 MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2, projection_size=VISION["hidden_size"])
-COMPARE = dict(batch_sizes=(32, 128, 512), examples=12_288, lr=1e-3)
+COMPARE = dict(batch_sizes=(32, 128, 512), examples=12_288, lr=1e-3, seeds=(2, 3))  # seed: the pairs' order
 
 
 def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
-    """Train and score every (objective, batch size): each run's scores in WORK/compare-<objective>-<batch>/score.json
-    (resumable; objectives can run in separate processes), all of them in WORK/compare.json."""
+    """Train and score every (objective, batch size, seed): each run's scores in
+    WORK/compare-<objective>-<batch>-seed<seed>/score.json (resumable; objectives can run in separate processes), all
+    of them in WORK/compare.json."""
     from nanopali.world.siglip import evaluate_world_contrastive
     from nanopali.zero_shot import Contrastive
 
@@ -258,8 +259,8 @@ def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
             model.vision_model.load_state_dict(PaliGemma.from_pretrained(DEFAULT_MODEL_DIR).vision.state_dict(),
                                                strict=False)  # all but the pooling head
             model.save_pretrained(init)
-        for batch in COMPARE["batch_sizes"]:
-            run = work / f"compare-{objective}-{batch}"
+        for seed, batch in ((seed, batch) for seed in COMPARE["seeds"] for batch in COMPARE["batch_sizes"]):
+            run = work / f"compare-{objective}-{batch}-seed{seed}"
             if (run / "score.json").is_file():
                 continue
             steps = COMPARE["examples"] // batch
@@ -267,7 +268,7 @@ def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
                                  recipe="freeze-vision-encoder", steps=steps, batch_size=batch, lr=COMPARE["lr"],
                                  lr_scale={"logit_*": 10.0}, warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
                                  weight_decay=1e-4, log_every=max(1, steps // 100), save_every=max(1, steps // 8),
-                                 keep_checkpoints=1, seed=2)
+                                 keep_checkpoints=1, seed=seed)
             start = time.perf_counter()
             final = fit(config, train_data=WorldPairs(stage_data(work)))
             seconds = time.perf_counter() - start
@@ -275,7 +276,7 @@ def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
             scores = {"steps": steps, "seconds": seconds, **evaluate_world_contrastive(clip, 1000, seed=3)}
             (run / "score.json").write_text(json.dumps(scores, indent=2))
     results = {run.name.removeprefix("compare-"): json.loads((run / "score.json").read_text())
-               for run in sorted(work.glob("compare-*-*")) if (run / "score.json").is_file()}
+               for run in sorted(work.glob("compare-*-seed*")) if (run / "score.json").is_file()}
     (work / "compare.json").write_text(json.dumps(results, indent=2))
     return results
 
