@@ -49,8 +49,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def busy_other() -> float:
-    """Seconds of CPU all processes used so far (from /proc/stat), to tell how busy the machine was."""
+def busy_all() -> float:
+    """Seconds of CPU all processes used so far (from /proc/stat); minus the workers' own, how busy the machine was."""
     fields = open("/proc/stat").readline().split()[1:]
     return sum(map(int, fields[:3])) / os.sysconf("SC_CLK_TCK")
 
@@ -169,6 +169,11 @@ def worker_loss(impl: str, global_batch: int, dim: int) -> dict | None:
 
 # ------------------------------------------------------------------------------------ driver
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_worker(args: list[str], world: int = 1) -> dict:
     # A fixed mmap threshold: glibc then returns every freed large tensor to the system at once, so the peak RSS
     # follows the peak of live memory (with its default, rising threshold, freed blocks stay in the heap).
@@ -176,15 +181,33 @@ def run_worker(args: list[str], world: int = 1) -> dict:
            "MALLOC_MMAP_THRESHOLD_": "131072"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone"]
                 if world > 1 else [sys.executable])
-    before = busy_other()
+    before, own_before = busy_all(), _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run([*launcher, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"worker {args} failed:\n{proc.stderr[-4000:]}")
     wall = time.perf_counter() - start
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    result["cpu_share"] = (busy_other() - before) / (wall * os.cpu_count())
+    others = (busy_all() - before) - (_children_cpu() - own_before)
+    result["cpu_share"] = max(0.0, others) / (wall * os.cpu_count())
     return result
+
+
+def alternate(frameworks: tuple[str, str], args: list[str], rounds: int, extra: list[str] = ()) -> dict[str, dict]:
+    """Each framework's worker `rounds` times, alternating (A B B A A B ...), so that a neighbour's load falls on both
+    alike: the timings of all rounds pooled, the largest peak RSS, the mean share of the CPUs others took."""
+    rows: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for r in range(rounds):
+        for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+            rows[fw].append(run_worker([args[0], fw, *args[1:], *extra]))
+    merged = {}
+    for fw, results in rows.items():
+        merged[fw] = {**results[0], "peak_rss_gib": max(x["peak_rss_gib"] for x in results),
+                      "cpu_share": statistics.mean(x["cpu_share"] for x in results)}
+        for key in ("times", "image", "text"):
+            if key in results[0]:
+                merged[fw][key] = [t for x in results for t in x[key]]
+    return merged
 
 
 def main() -> None:
@@ -199,12 +222,14 @@ def main() -> None:
     p.add_argument("part", choices=["train", "embed", "loss-memory"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="train/embed: workers per framework, alternating")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     if args.part == "train":
-        rows = {fw: run_worker(["train", fw, str(args.batch), str(args.steps)]) for fw in ("open_clip", "nanopali")}
-        print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.steps} steps after a warm-up)")
-        print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | machine busy |")
+        rows = alternate(("open_clip", "nanopali"), ["train", str(args.batch), str(args.steps)], args.rounds)
+        print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.rounds} x {args.steps} steps, "
+              "each worker after a warm-up step)")
+        print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | others' CPU share |")
         print("|---|---|---|---|---|---|---|---|")
         ref = rows["open_clip"]
         for fw, r in rows.items():
@@ -216,9 +241,9 @@ def main() -> None:
     elif args.part == "embed":
         with tempfile.TemporaryDirectory() as folder:
             nanopali_model().save_pretrained(folder)
-            rows = {fw: run_worker(["embed", fw, str(args.batch), str(args.steps), folder])
-                    for fw in ("transformers", "nanopali")}
-        print(f"\nSigLIP-B/16 features, batch {args.batch}, fp32, no grad (median of {args.steps} calls)")
+            rows = alternate(("transformers", "nanopali"), ["embed", str(args.batch), str(args.steps)], args.rounds,
+                             [folder])
+        print(f"\nSigLIP-B/16 features, batch {args.batch}, fp32, no grad (median of {args.rounds} x {args.steps} calls)")
         print("| framework | images/s | ratio | texts/s | ratio | peak RSS GiB |")
         print("|---|---|---|---|---|---|")
         ref = rows["transformers"]

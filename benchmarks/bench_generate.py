@@ -400,12 +400,14 @@ def measure_gpu() -> dict:
 
 
 def model_costs(path: Path, dtype: str) -> dict:
-    """Bytes one decode step reads (decoder weights + tied head) and prefill FLOPs per prompt, from config.json."""
+    """Bytes one decode step reads (decoder weights + tied head) and prefill FLOPs per prompt, from config.json.
+    A mixture-of-experts decoder counts its active weights: k of the E experts per token (batch 1)."""
     from nanopali import PaliGemma, PaliGemmaConfig
+    from nanopali.nn.moe import idle_expert_parameters
     config = PaliGemmaConfig.from_pretrained(path)
     with torch.device("meta"):
         model = PaliGemma(config)
-    decoder = sum(p.numel() for p in model.decoder.parameters())
+    decoder = sum(p.numel() for p in model.decoder.parameters()) - idle_expert_parameters(model.decoder)
     layers = decoder - model.decoder.embed_tokens.weight.numel()
     vision = sum(p.numel() for p in model.vision.parameters())
     T = config.num_image_tokens + 2 + PROMPT_TOKENS

@@ -54,6 +54,10 @@ _IGNORED_KEYS = {
     "use_sliding_window", "sliding_window_pattern", "head_dim_override", "boi_token_index",
     "eoi_token_index", "mm_tokens_per_image", "keys_to_ignore_at_inference", "num_positions",
 }
+# The mixture-of-experts fields of TextConfig, read from and written to text_config (only when num_local_experts > 0).
+MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+              "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "router_noisy_topk",
+              "shared_expert_intermediate_size", "moe_layers")
 _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is Gemma's legacy spelling of tanh-gelu
 
 
@@ -117,6 +121,17 @@ class TextConfig:
     # Runtime switch, never written to config.json: False makes every layer global, as in big_vision
     # (where PaliGemma 2 was trained without a window). Only matters past `sliding_window` tokens.
     use_sliding_window: bool = True
+    # --- mixture of experts (transformers' Mixtral / Qwen2-MoE names); num_local_experts 0 = the dense MLP ---
+    num_local_experts: int = 0                    # E experts in each sparse layer
+    num_experts_per_tok: int = 2                  # k experts per token
+    moe_intermediate_size: int | None = None      # width of each expert (None: intermediate_size, as Mixtral)
+    norm_topk_prob: bool = True                   # renormalize the k routing weights to sum 1 (Mixtral)
+    router_aux_loss_coef: float = 0.001           # weight of the load-balancing loss in the training loss
+    router_z_loss_coef: float = 0.0               # weight of the router z-loss (0: off)
+    router_jitter_noise: float = 0.0              # training only: layer input x U(1 - j, 1 + j), as Mixtral
+    router_noisy_topk: bool = False               # training only: logits + N(0, 1) softplus(W_noise x) (nn/moe.py)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE's sigmoid-gated shared expert (None: none)
+    moe_layers: list[int] | None = None           # the sparse layers (None: every layer)
     model_type: str = "gemma"
     pad_token_id: int = 0
     bos_token_id: int = 2
@@ -151,10 +166,15 @@ class TextConfig:
             raise ConfigError(f"unknown layer_types {sorted(bad)}; expected full_attention / sliding_attention")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        _check_moe(self)
 
     @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has the sparse mixture-of-experts MLP (nn/moe.py) instead of the dense one."""
+        return self.num_local_experts > 0 and (self.moe_layers is None or layer_idx in self.moe_layers)
 
     def window(self, layer_idx: int) -> int | None:
         """Sliding window of layer `layer_idx`, or None for a global layer (or with the switch off)."""
@@ -267,6 +287,8 @@ class PaliGemmaConfig(ConfigFile):
                 final_logit_softcapping=t.final_logit_softcapping, sliding_window=t.sliding_window,
                 layer_types=list(t.layer_types),
             )
+        if t.num_local_experts:
+            text.update({name: getattr(t, name) for name in MOE_FIELDS if getattr(t, name) is not None})
         vision = {"model_type": "siglip_vision_model", **asdict(v), "hidden_act": "gelu_pytorch_tanh",
                   "projection_dim": t.hidden_size, "num_image_tokens": self.num_image_tokens}
         return {
@@ -306,6 +328,43 @@ def check_fields(config, section: str, ints=(), numbers=(), optional_ints=(), op
                 continue
             if not test(value) or value <= 0:
                 raise ConfigError(f"{section}.{name} must be {what}, got {value!r}")
+
+
+def _check_moe(t: TextConfig) -> None:
+    """The mixture-of-experts fields: sizes, k <= E, coefficients >= 0, layers that exist; none of them set
+    without experts (num_local_experts 0), where they would silently do nothing."""
+    experts = t.num_local_experts
+    if not is_int(experts) or experts < 0:
+        raise ConfigError(f"text_config.num_local_experts must be an integer >= 0 (0: dense), got {experts!r}")
+    if not experts:
+        given = [n for n in ("moe_intermediate_size", "shared_expert_intermediate_size", "moe_layers")
+                 if getattr(t, n) is not None] + (["router_noisy_topk"] if t.router_noisy_topk is True else [])
+        if given:
+            raise ConfigError(f"text_config sets {', '.join(given)} but num_local_experts is 0 (a dense decoder)")
+        return
+    check_fields(t, "text_config", ("num_experts_per_tok",),
+                 optional_ints=("moe_intermediate_size", "shared_expert_intermediate_size"))
+    if t.num_experts_per_tok > experts:
+        raise ConfigError(f"text_config.num_experts_per_tok {t.num_experts_per_tok} exceeds num_local_experts {experts}")
+    for name in ("norm_topk_prob", "router_noisy_topk"):
+        if not isinstance(getattr(t, name), bool):
+            raise ConfigError(f"text_config.{name} must be true or false, got {getattr(t, name)!r}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+        value = getattr(t, name)
+        if not _is_number(value) or value < 0:
+            raise ConfigError(f"text_config.{name} must be a number >= 0, got {value!r}")
+    if t.router_jitter_noise >= 1:
+        raise ConfigError(f"text_config.router_jitter_noise must be below 1 (inputs are scaled by U(1 - j, 1 + j)), "
+                          f"got {t.router_jitter_noise!r}")
+    if t.moe_layers is not None:
+        layers = t.moe_layers
+        if (not isinstance(layers, (list, tuple)) or not all(is_int(i) for i in layers)
+                or len(set(layers)) != len(layers)):
+            raise ConfigError(f"text_config.moe_layers must be a list of distinct layer indices, got {layers!r}")
+        outside = [i for i in layers if not 0 <= i < t.num_hidden_layers]
+        if outside:
+            raise ConfigError(f"text_config.moe_layers {outside} are not layers of a {t.num_hidden_layers}-layer decoder")
+        t.moe_layers = sorted(layers)
 
 
 def pick(d: dict, defaults: dict) -> dict:
@@ -361,6 +420,7 @@ def _text_from_hf(d: dict, source: str) -> TextConfig:
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(d.get(key), int):
             kw[key] = d[key]
+    kw.update({name: d[name] for name in MOE_FIELDS if name in d})  # TextConfig checks them
     try:
         return TextConfig(model_type=model_type, **kw)
     except ConfigError as e:

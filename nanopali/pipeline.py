@@ -40,7 +40,7 @@ from nanopali.inputs.tokenizer import check_text
 from nanopali.io import big_vision
 from nanopali.io.hf_checkpoint import checkpoint_dir
 from nanopali.models.paligemma import PaliGemma
-from nanopali.paths import default_model_dir
+from nanopali.paths import model_dir
 from nanopali.registry import resolve_config
 from nanopali.tasks import ParsedObjects, SegmentationVAE, find_checkpoint, parse_objects
 
@@ -80,8 +80,10 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
     big_vision release .npz with `config=` (a published size such as "paligemma-3b-224", a config.json or a
     PaliGemmaConfig) and `tokenizer=` (big_vision's paligemma_tokenizer.model; default: that file beside the npz).
 
-    path=None loads the shipped default model, a small PaliGemma of the toy shapes world (paths.py).
-    quantize="int8"/"int4" quantizes the decoder (inference/quantize.py), as it is read from a checkpoint directory. fast=False keeps the plain decode
+    path=None loads the shipped default model, a small PaliGemma of the toy shapes world; a name of
+    paths.NAMED (e.g. "moe") the model shipped under it, if any (a directory of that name wins).
+    quantize="int8"/"int4" quantizes the decoder (inference/quantize.py), as it is read from a checkpoint directory
+    (a big_vision .npz: after loading). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
     `dtype` may be named ("bfloat16", "bf16", "float32"…); `device`, `dtype`, the config and the tokenizer are
     checked before the weights are read: "cuda" without a GPU torch can see, a misspelt device or a non-float
@@ -99,7 +101,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
         if extra:
             raise UsageError(f"{' and '.join(extra)}: only for a big_vision .npz; a checkpoint directory carries its "
                              "own config.json and tokenizer")
-        folder = checkpoint_dir(default_model_dir() if path is None else path)
+        folder = checkpoint_dir(model_dir(path))
         if quantize is None:
             model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, progress=progress)
         else:  # quantized as it is read: never the float decoder in memory

@@ -80,11 +80,14 @@ def test_beam_search_equals_transformers(pair, num_beams, length_penalty):
 def test_cached_decoding_equals_uncached_forward(pair):
     """At every step, the decode logits equal a full forward over prompt + generated suffix."""
     _, ours, cfg = pair
-    inputs = prompts(cfg)
+    assert_cached_decoding_equals_forward(ours, prompts(cfg), steps=12)
+
+
+def assert_cached_decoding_equals_forward(ours, inputs: dict, steps: int) -> None:
     with torch.no_grad():
-        logits, state = prefill(ours, **inputs, max_new_tokens=12)
+        logits, state = prefill(ours, **inputs, max_new_tokens=steps)
         ids, am, tt = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
-        for step in range(12):
+        for step in range(steps):
             full = ours(ids, inputs["pixel_values"], am, tt).logits[:, -1]
             torch.testing.assert_close(logits, full, rtol=0, atol=1e-5 * full.abs().max().item())
             token = logits[:, :IMAGE_TOKEN].argmax(-1)

@@ -485,8 +485,8 @@ def test_a_signal_saves_says_so_and_exits_like_a_shell(capsys, base, data, finis
     out = tmp_path / "run"
     step = loop._train_step
 
-    def step_then_signal(run, micro):
-        result = step(run, micro)
+    def step_then_signal(run, *rest):
+        result = step(run, *rest)
         if run.step == 2 and not run.config.resume:
             os.kill(os.getpid(), sig)  # arrives during step 2's bookkeeping: the loop stops after it
         return result

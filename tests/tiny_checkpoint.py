@@ -25,11 +25,12 @@ def tiny_config(vocab_size: int, image_token_index: int, generation: int = 2, vi
                            image_token_index=image_token_index)
 
 
-def write_tiny_checkpoint(folder: Path, generation: int = 2, seed: int = 0) -> Path:
-    """Random weights sized to a SentencePiece tokenizer trained here (image 28 px, 16 image tokens)."""
+def write_tiny_checkpoint(folder: Path, generation: int = 2, seed: int = 0, **text) -> Path:
+    """Random weights sized to a SentencePiece tokenizer trained here (image 28 px, 16 image tokens); `text`
+    overrides text_config fields (e.g. num_local_experts=4 for a mixture-of-experts decoder)."""
     _spm.write_checkpoint(folder, "baked", image_size=28, num_image_tokens=16)
     tokenizer = Tokenizer.from_pretrained(folder)
-    config = tiny_config(len(tokenizer) + 6, tokenizer.image_token_id, generation)
+    config = tiny_config(len(tokenizer) + 6, tokenizer.image_token_id, generation, **text)
     torch.manual_seed(seed)
     model = PaliGemma(config)
     with torch.no_grad():

@@ -7,6 +7,7 @@
     nanopali classify IMAGE "cat, dog"                  nanopali search DIR_OF_IMAGES "a red car"
     nanopali convert  big_vision.npz OUT --config paligemma-3b-224 [--tokenizer paligemma_tokenizer.model]
     nanopali train    --model DIR --data train.jsonl --out runs/x [--config train.json]
+    nanopali upcycle  DIR OUT --experts 8 --top-k 2     (a dense checkpoint -> mixture of experts)
     nanopali serve    [--model DIR] [--port 8000]   an OpenAI-compatible HTTP API and a web page
 
 Without --model a command uses the shipped default model (paths.py): a small PaliGemma trained on
@@ -15,8 +16,9 @@ train always needs --model: to fine-tune the shipped model, pass its directory (
 
 classify and search use a contrastive SigLIP model (the shipped default: a small SigLIP of the same world).
 
-One module per command group: tasks.py (caption … chat), zero_shot.py (classify, search), info.py, convert.py, train.py, serve.py; common.py holds what they
-share. Each imports what it runs only when it runs (`nanopali caption` never imports the training code).
+One module per command group: tasks.py (caption … chat), zero_shot.py (classify, search), info.py, convert.py,
+train.py, upcycle.py, serve.py; common.py holds what they share. Each imports what it runs only when it runs
+(`nanopali caption` never imports the training code).
 
 A user mistake (missing image, bad model path, bad data: a nanopali.errors.NanopaliError) prints one
 `nanopali: error: …` line and exits with status 2; any other exception is a bug and keeps its traceback.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanopali.cli import convert, info, serve, tasks, train, zero_shot
+from nanopali.cli import convert, info, serve, tasks, train, upcycle, zero_shot
 from nanopali.cli.common import LazyParser
 from nanopali.errors import NanopaliError
 
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_commands(sub)
     convert.add_commands(sub)
     train.add_commands(sub)
+    upcycle.add_commands(sub)
     serve.add_commands(sub)
     return p
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -26,10 +25,11 @@ def run_info(args) -> int:
     from nanopali.inputs.processor import Processor
     from nanopali.io.hf_checkpoint import check_state_dict, checkpoint_dir, checkpoint_files, tensor_specs
     from nanopali.models.paligemma import PaliGemma
-    from nanopali.paths import default_model_dir
+    from nanopali.nn.moe import idle_expert_parameters
+    from nanopali.paths import model_dir
     from nanopali.pipeline import VAE_FILE
 
-    path = checkpoint_dir(Path(args.model_dir) if args.model_dir else default_model_dir())
+    path = checkpoint_dir(model_dir(args.model_dir))
     config = PaliGemmaConfig.from_pretrained(path)
     files = checkpoint_files(path)
     specs = tensor_specs(path)  # the real tensors' names, shapes and dtypes, from the file headers
@@ -42,14 +42,20 @@ def run_info(args) -> int:
         raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
                               f"{t.vocab_size} rows (text_config.vocab_size); they do not belong together")
     vae = path / VAE_FILE
+    with torch.device("meta"):
+        idle = idle_expert_parameters(PaliGemma(config))
+    total = sum(shape.numel() for shape, _ in specs.values())
     info = {"model_dir": str(path), "generation": 2 if config.is_gemma2 else 1,
-            "parameters": sum(shape.numel() for shape, _ in specs.values()),
+            "parameters": total, "active_parameters": total - idle,  # per token: k of the E experts
             "dtypes": sorted({dtype for _, dtype in specs.values()}), "tensors": len(specs),
             "size_bytes": sum(f.stat().st_size for f in files), "files": len(files),
             "image_size": v.image_size, "image_tokens": config.num_image_tokens, "vocab_rows": t.vocab_size,
             "tokenizer_vocab": len(tokenizer),
             "decoder": f"{t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads "
                        f"({t.num_key_value_heads} kv) of {t.head_dim}",
+            "experts": (f"{t.num_local_experts} per sparse layer ({len(t.moe_layers or range(t.num_hidden_layers))} of "
+                        f"{t.num_hidden_layers}), top-{t.num_experts_per_tok}, width "
+                        f"{t.moe_intermediate_size or t.intermediate_size}" if t.num_local_experts else "none (dense)"),
             "vision": f"{v.num_hidden_layers} layers, width {v.hidden_size}, patch {v.patch_size}",
             "vqvae": str(vae) if vae.is_file() else None}
     if args.json:
@@ -57,5 +63,5 @@ def run_info(args) -> int:
     else:
         for k, val in info.items():
             val = f"none (no {VAE_FILE}; segment needs one)" if val is None else val
-            print(f"{k:15s} {val:,}" if isinstance(val, int) else f"{k:15s} {val}")
+            print(f"{k:17s} {val:,}" if isinstance(val, int) else f"{k:17s} {val}")
     return 0

@@ -64,7 +64,7 @@ def run(args) -> int:
 
         from nanopali.io import big_vision
         from nanopali.io.hf_checkpoint import checkpoint_dir
-        from nanopali.paths import default_model_dir, default_siglip_dir
+        from nanopali.paths import default_siglip_dir, model_dir
         from nanopali.serve.app import Settings
         from nanopali.serve.images import ImagePolicy
         from nanopali.serve.server import serve
@@ -79,7 +79,7 @@ def run(args) -> int:
         big_vision.check_file(args.model)
         path = Path(args.model)
     else:
-        path = checkpoint_dir(default_model_dir() if args.model is None else args.model)
+        path = checkpoint_dir(model_dir(args.model))  # the default, a shipped name ("moe") or a directory
     siglip = None if args.siglip is None else checkpoint_dir(args.siglip or default_siglip_dir())
     if args.threads:
         torch.set_num_threads(args.threads)

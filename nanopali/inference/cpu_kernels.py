@@ -4,6 +4,7 @@
     kernels.linear(x, weight, scale=None)       # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N)
     kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps)
     install(model, kernels)                     # swap the decoder's and vision MLPs' modules for Fast* ones
+                                                # (and a mixture of experts' Experts for FastExperts)
 
 A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Three
 one-row paths exist, "native" (native.py's hand-written bf16 and int8-by-int8 products, compiled for this
@@ -31,6 +32,7 @@ from nanopali.inference import native
 from nanopali.models.gemma import TiedEmbedding
 from nanopali.models.paligemma import PaliGemma
 from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
+from nanopali.nn.moe import Experts, dispatch, grouped_experts, grouped_mm_available
 from nanopali.nn.norms import RMSNorm, rms_norm
 
 MAX_ROWS = 16   # int8 batches up to this many rows take _weight_int8pack_mm; more is a prefill
@@ -350,7 +352,47 @@ class FastGeluMLP(nn.Module):
         return self.fc2(self.kernels.gelu(self.fc1(x)))
 
 
+class FastExperts(nn.Module):
+    """Mixture-of-experts Experts whose products take the kernels: each expert's rows through `kernels.linear` (a
+    decoded token's expert is a one-row product), gelu(gate)·up fused; float bf16 weights on more than one row
+    (a prefill) take the grouped GEMM, as Experts does. With the float Experts' own parameters,
+    or with `quantized` buffers from quantize.py: gate_up_proj / down_proj int8 (E, N, K) with fp32 row scales
+    gate_up_scale / down_scale (E, N), or int4 packed uint8 (E, N, K / 2) with their (E, K / G, N, 2) scales
+    and zeros."""
+
+    def __init__(self, experts: Experts, kernels: CpuKernels, quantized: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.kernels, self.num_experts = kernels, experts.num_experts
+        if quantized is None:
+            self.gate_up_proj, self.down_proj = experts.gate_up_proj, experts.down_proj
+            self.gate_up_scale = self.down_scale = None
+        else:
+            for name, tensor in quantized.items():
+                self.register_buffer(name, tensor)
+
+    def _product(self, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if weight.dtype == torch.uint8:
+            return self.kernels.linear_int4(rows, weight, scale)
+        return self.kernels.linear(rows, weight, scale)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_scale is None and x.shape[0] > 1 and grouped_mm_available(x):  # float, more than a row
+            return dispatch(x, experts, weights, self.num_experts,
+                            grouped=lambda rows, offsets: grouped_experts(rows, offsets, self.gate_up_proj,
+                                                                          self.down_proj))
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        gate_up_scale, down_scale = ([None] * self.num_experts if s is None else s.unbind(0)
+                                     for s in (self.gate_up_scale, self.down_scale))
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            h = self._product(rows, gate_up[e], gate_up_scale[e])                              # (n, 2I)
+            return self._product(self.kernels.gelu(*h.chunk(2, dim=-1)), down[e], down_scale[e])  # (n, D)
+        return dispatch(x, experts, weights, self.num_experts, expert)
+
+
 def _replacement(module: nn.Module, kernels: CpuKernels, in_decoder: bool) -> nn.Module | None:
+    if type(module) is Experts:
+        return FastExperts(module, kernels)
     if type(module) is GeGLU:
         return FastGeGLU(module, kernels)
     if type(module) is GeluMLP:

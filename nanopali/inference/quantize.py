@@ -8,8 +8,11 @@ embedding): scale = max|w| / 127, w ≈ round(w / scale) · scale. Activations s
 int4: the same linear layers group-wise, as gpt-fast does: each run of G (128) weights along the input
 gets its own scale and zero, w ≈ (q - 8) · scale + zero, q in 0..15, packed two per byte as torch's
 `_weight_int4pack_mm_for_cpu` wants; the embedding stays int8, and a layer the kernel cannot take stays int8.
-The products run through cpu_kernels.CpuKernels. The SigLIP tower and the projector are not quantized:
-they run once per image. A quantized model is for inference only: `save_pretrained` refuses it.
+A mixture-of-experts layer's experts are quantized the same way, each expert matrix on its own (int8 per
+row; int4 per group, packed expert by expert), into a cpu_kernels.FastExperts; its router (`gate`) stays in
+float, since a rounded router picks other experts. The products run through cpu_kernels.CpuKernels. The SigLIP
+tower and the projector are not quantized: they run once per image. A quantized model is for inference only:
+`save_pretrained` refuses it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import torch.nn.functional as F
 from nanopali.config import PaliGemmaConfig
 from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
-from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, int4_block, unpack_int4
+from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, FastExperts, int4_block, unpack_int4
 from nanopali.io.hf_checkpoint import Rows, checkpoint_dir, load_into
 from nanopali.models.paligemma import PaliGemma
+from nanopali.nn.moe import Experts, SparseMoE
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel takes
 CHUNK = 1 << 22  # weights quantized at a time: 16 MB of fp32 temporaries each
+EXPERT_SCALES = {"gate_up_proj": "gate_up_scale", "down_proj": "down_scale"}  # FastExperts' quantized buffers
 
 
 def quantize_rows(weight: torch.Tensor | Rows, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +181,29 @@ class Int8Embedding(nn.Module):
         return self.kernels.linear(h, self.weight, self.scale)
 
 
-QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)  # every module with `kernels` that quantization puts in
+def quantize_expert_weight(weight: torch.Tensor | Rows, mode: str, group_size: int,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture of experts' fused weight (E, N, K), expert by expert as a linear layer's would be: (int8 (E, N, K),
+    fp32 row scales (E, N)), or for int4 where the kernel takes (N, K) (packed uint8 (E, N, K / 2), scales and zeros
+    (E, K / G, N, 2) in `dtype`)."""
+    E, N, K = weight.shape
+    group = int4_group(N, K, preferred=group_size) if mode == "int4" else None
+    parts = [quantize_rows(weight[e:e + 1][0]) if group is None else quantize_int4(weight[e:e + 1][0], group)
+             for e in range(E)]
+    q, scales = (torch.stack(t) for t in zip(*parts))
+    return q, scales if group is None else scales.to(dtype)
+
+
+def quantize_experts(experts: Experts, mode: str, group_size: int, kernels: CpuKernels) -> FastExperts:
+    """A loaded Experts module, quantized (quantize_expert_weight) into a FastExperts."""
+    buffers = {}
+    for name, scale in EXPERT_SCALES.items():
+        weight = getattr(experts, name).detach()
+        buffers[name], buffers[scale] = quantize_expert_weight(weight, mode, group_size, weight.dtype)
+    return FastExperts(experts, kernels, quantized=buffers)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding, FastExperts)  # every module with `kernels` quantization puts in
 
 
 def quantized_module(weight: torch.Tensor | Rows, embedding: bool, mode: str, group_size: int, dtype: torch.dtype,
@@ -189,22 +216,29 @@ def quantized_module(weight: torch.Tensor | Rows, embedding: bool, mode: str, gr
     return Int8Linear.quantize(weight, kernels) if group is None else Int4Linear.quantize(weight, group, dtype, kernels)
 
 
-def targets(model: PaliGemma) -> dict[str, tuple[nn.Module, str]]:
-    """What quantization replaces, by module name (= state-dict prefix) -> (parent module, attribute): the linear
-    layers of every decoder layer's attention and MLP, and the token embedding (the tied head)."""
+def targets(model: PaliGemma) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, SparseMoE]]:
+    """What quantization replaces, by module name (= state-dict prefix): (parent module, attribute) of the linear
+    layers of every decoder layer's attention and MLP (of a mixture of experts, its shared expert's: the routers
+    stay float) and of the token embedding (the tied head); and the mixtures of experts whose `experts` it replaces."""
     decoder = model.decoder
     prefix = next(name for name, m in model.named_modules() if m is decoder)
-    found = {}
+    found, moes = {}, {}
     for i, layer in enumerate(decoder.layers):
-        for part in ("self_attn", "mlp"):
-            for name, child in getattr(layer, part).named_children():
+        parents = {"self_attn": layer.self_attn, "mlp": layer.mlp}
+        if isinstance(layer.mlp, SparseMoE):
+            moes[f"{prefix}.layers.{i}.mlp.experts"] = layer.mlp
+            del parents["mlp"]
+            if layer.mlp.shared_expert is not None:
+                parents["mlp.shared_expert"] = layer.mlp.shared_expert
+        for part, parent in parents.items():
+            for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     if child.bias is not None:
                         raise ValueError(f"{prefix}.layers.{i}.{part}.{name} has a bias: only bias-free layers (Gemma's) "
                                          "are quantized")
-                    found[f"{prefix}.layers.{i}.{part}.{name}"] = (getattr(layer, part), name)
+                    found[f"{prefix}.layers.{i}.{part}.{name}"] = (parent, name)
     found[f"{prefix}.embed_tokens"] = (decoder, "embed_tokens")
-    return found
+    return found, moes
 
 
 def quantized_mode(model: PaliGemma) -> str | None:
@@ -228,7 +262,10 @@ def quantize(model: PaliGemma, mode: str = "int8", kernels: CpuKernels = PLAIN, 
     if quantized_mode(model):
         raise ValueError(f"the model is already quantized ({quantized_mode(model)})")
     embedding = model.decoder.embed_tokens
-    for parent, attr in targets(model).values():
+    linears, moes = targets(model)
+    for moe in moes.values():
+        moe.experts = quantize_experts(moe.experts, mode, group_size, kernels)
+    for parent, attr in linears.values():
         float_module = getattr(parent, attr)
         weight = float_module.weight
         setattr(parent, attr, quantized_module(weight, float_module is embedding, mode, group_size, weight.dtype, kernels))
@@ -249,7 +286,8 @@ def load_quantized(path: str | Path, mode: str = "int8", dtype: torch.dtype | st
     `quantize(PaliGemma.from_pretrained(path, dtype), mode)` makes, without the float decoder in memory.
 
     Each decoder weight is read 4096 rows at a time (pread, not the memory map: hf_checkpoint.load_into), converted
-    to `dtype` and quantized; the other tensors (vision tower, projector, norms) are read into memory of their own.
+    to `dtype` and quantized (a mixture of experts' fused weights, expert by expert); the other tensors (vision
+    tower, projector, norms) are read into memory of their own.
     The peak is then about the quantized model plus one weight in flight, where quantizing a loaded model holds
     the whole float checkpoint for a while (BENCHMARKS.md: the 3B's int8 and int4 loads).
     """
@@ -259,10 +297,20 @@ def load_quantized(path: str | Path, mode: str = "int8", dtype: torch.dtype | st
     config = PaliGemmaConfig.from_pretrained(path).replace(use_sliding_window=use_sliding_window)
     with torch.device("meta"):
         model = PaliGemma(config)
-    weights = {f"{name}.weight": (name, parent, attr) for name, (parent, attr) in targets(model).items()}
-    embedding = model.decoder.embed_tokens
+    linears, moes = targets(model)
+    weights = {f"{name}.weight": (name, parent, attr) for name, (parent, attr) in linears.items()}
+    experts = {f"{name}.{w}": (name, moe, w) for name, moe in moes.items() for w in EXPERT_SCALES}
+    embedding, pending = model.decoder.embed_tokens, {}  # pending: an Experts' quantized buffers until it has all
 
     def convert(key: str, rows: Rows) -> dict[str, torch.Tensor] | None:
+        if key in experts:
+            name, moe, w = experts[key]
+            q, scales = (t.to(device) for t in quantize_expert_weight(rows, mode, group_size, dtype))
+            buffers = pending.setdefault(name, {})
+            buffers.update({w: q, EXPERT_SCALES[w]: scales})
+            if len(buffers) == 2 * len(EXPERT_SCALES):
+                moe.experts = FastExperts(moe.experts, kernels, quantized=pending.pop(name))
+            return {f"{name}.{w}": q, f"{name}.{EXPERT_SCALES[w]}": scales}
         if key not in weights:
             return None  # read as it is
         name, parent, attr = weights[key]

@@ -3,9 +3,11 @@
 Follows big_vision's `models/ppp/gemma.py`, which also covers both generations with flags: RMSNorm
 (nn/norms.py), RoPE (nn/rope.py), multi-query / grouped-query attention with head_dim independent of
 hidden/heads, the GeGLU MLP (nn/mlp.py), token embeddings scaled by sqrt(hidden) (the scale rounded to
-the activation dtype) and tied to the output head. Gemma 2 adds (TextConfig flags): post-attention and
-post-MLP norms, attention scale query_pre_attn_scalar^-0.5, attention and final logit soft-caps, and
-sliding-window layers.
+the activation dtype) and tied to the output head. The MLP class is chosen by the config, as litgpt chooses
+its MLP: layers the config makes sparse (`num_local_experts` > 0) have the mixture-of-experts MLP (nn/moe.py)
+in the same place, `mlp`; with no experts the decoder is the dense one, parameter for parameter. Gemma 2
+adds (TextConfig flags): post-attention and post-MLP norms, attention scale query_pre_attn_scalar^-0.5,
+attention and final logit soft-caps, and sliding-window layers.
 
 Not here: the attention mask (nn/masks.py), the image embeddings (paligemma.py), the KV cache and any
 inference speed-up (nanopali/inference/). Parameter names follow the Hugging Face `GemmaModel` /
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from nanopali.config import TextConfig
 from nanopali.nn.attention import attention
 from nanopali.nn.mlp import GeGLU
+from nanopali.nn.moe import SparseMoE
 from nanopali.nn.norms import RMSNorm
 from nanopali.nn.rope import apply_rope, rope
 
@@ -58,6 +61,15 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def feed_forward(cfg: TextConfig, layer_idx: int) -> nn.Module:
+    """The layer's MLP: GeGLU, or SparseMoE in the layers cfg.is_moe_layer names (same place: `mlp`)."""
+    if not cfg.is_moe_layer(layer_idx):
+        return GeGLU(cfg.hidden_size, cfg.intermediate_size)
+    return SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size, cfg.num_local_experts,
+                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter_noise, cfg.router_noisy_topk,
+                     cfg.shared_expert_intermediate_size)
+
+
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -70,7 +82,7 @@ class GemmaDecoderLayer(nn.Module):
         if self.post_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = feed_forward(cfg, layer_idx)
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None):
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
@@ -121,6 +133,10 @@ class GemmaDecoder(nn.Module):
         logits = self.embed_tokens.unembed(h)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """The router logits (B·T, E) of each sparse layer in the last forward (none for a dense decoder)."""
+        return [layer.mlp.router_logits for i, layer in enumerate(self.layers) if self.config.is_moe_layer(i)]
 
     @property
     def windows(self) -> set[int | None]:

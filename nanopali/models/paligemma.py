@@ -23,8 +23,9 @@ from nanopali.errors import UsageError
 from nanopali.io import big_vision, hf_checkpoint
 from nanopali.models.gemma import GemmaDecoder
 from nanopali.models.siglip import SiglipVisionModel
-from nanopali.nn.losses import suffix_loss
+from nanopali.nn.losses import router_losses, suffix_loss
 from nanopali.nn.masks import positions_of, prefix_lm_inputs, sequence_mask
+from nanopali.nn.moe import Experts
 from nanopali.nn.norms import RMSNorm
 from nanopali.registry import resolve_config
 
@@ -32,7 +33,12 @@ from nanopali.registry import resolve_config
 @dataclass
 class PaliGemmaOutput:
     logits: torch.Tensor | None = None  # (B, T, vocab_size); None when labels were given
-    loss: torch.Tensor | None = None    # scalar, when labels were given
+    loss: torch.Tensor | None = None    # scalar, when labels were given: the training loss (suffix + router losses)
+    # with labels and a mixture-of-experts decoder (nn/losses.router_losses): the parts of `loss`
+    lm_loss: torch.Tensor | None = None        # the suffix loss alone
+    balance_loss: torch.Tensor | None = None   # load-balancing loss (weighted by router_aux_loss_coef in `loss`)
+    z_loss: torch.Tensor | None = None         # router z-loss (weighted by router_z_loss_coef)
+    expert_counts: torch.Tensor | None = None  # (sparse layers, E) real tokens routed to each expert
 
 
 class Projector(nn.Module):
@@ -54,11 +60,13 @@ class PaliGemma(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "PaliGemma":
-        """From-scratch initialisation (nanoGPT's): linear, conv and embedding weights ~ N(0, std), biases 0,
-        LayerNorm to identity, RMSNorm's stored w to 0 (Gemma's norm multiplies by 1 + w)."""
+        """From-scratch initialisation (nanoGPT's): linear, conv and embedding weights and experts ~ N(0, std),
+        biases 0, LayerNorm to identity, RMSNorm's stored w to 0 (Gemma's norm multiplies by 1 + w)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 m.weight.normal_(0.0, std)
+            elif isinstance(m, Experts):
+                m.gate_up_proj.normal_(0.0, std), m.down_proj.normal_(0.0, std)
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
             elif isinstance(m, RMSNorm):
@@ -136,12 +144,25 @@ class PaliGemma(nn.Module):
         return self.decoder(x, positions_of(attention_mask), masks)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
-                labels: torch.Tensor | None = None, **loss_options) -> PaliGemmaOutput:
-        """Logits (B, T, V); or, with labels, only the suffix loss (see loss.suffix_loss for loss_options)."""
+                labels: torch.Tensor | None = None, router_reduce=None, router_scale: float = 1.0,
+                **loss_options) -> PaliGemmaOutput:
+        """Logits (B, T, V); or, with labels, only the loss (see losses.suffix_loss for loss_options).
+
+        A mixture-of-experts decoder adds its router losses (losses.router_losses) with the config's
+        coefficients, times `router_scale`. The trainer passes `router_reduce` (a sum over the data-parallel
+        processes) and router_scale = processes / micro-batches, so that DDP's average of the processes' shares
+        gives the gradient of the global micro-batch's router losses, averaged over the step's micro-batches."""
         h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
         if labels is None:
             return PaliGemmaOutput(logits=self.decoder.logits(h))
-        return PaliGemmaOutput(loss=suffix_loss(h, labels, self.decoder.logits, **loss_options))
+        loss = suffix_loss(h, labels, self.decoder.logits, **loss_options)
+        t = self.config.text_config
+        if not t.num_local_experts:
+            return PaliGemmaOutput(loss=loss)
+        balance, z, counts = router_losses(self.decoder.router_logits(), t.num_experts_per_tok, attention_mask,
+                                           router_reduce)
+        total = loss + router_scale * (t.router_aux_loss_coef * balance + t.router_z_loss_coef * z)
+        return PaliGemmaOutput(loss=total, lm_loss=loss, balance_loss=balance, z_loss=z, expert_counts=counts)
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute decoder and vision layers in the backward pass (less memory, ~1/3 more compute)."""

@@ -55,3 +55,38 @@ def suffix_loss(
     tokens = keep.sum(1)
     has = tokens > 0
     return (per_example[has] / tokens[has]).sum() / (denominator if denominator is not None else max(int(has.sum()), 1))
+
+
+def router_losses(
+    router_logits: list[torch.Tensor],              # per sparse layer: (N, E) logits, N = B·T
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,     # (B, T), 1 = real token; padding counts for nothing
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, router z-loss, expert counts (L, E)) of a mixture-of-experts decoder's routing.
+
+    balance = E · Σ_e f_e · P_e over all sparse layers' real tokens together, f_e the share of the top-k slots
+    that chose expert e and P_e its mean router probability: the Switch Transformer / Mixtral loss, equal to
+    transformers' `load_balancing_loss_func` (1 when perfectly balanced at k = 1; k at top-k). z = the mean of
+    logsumexp(logits)² over the same tokens (ST-MoE). counts: real tokens routed to each expert (k per token).
+
+    `reduce` (sum a tensor over the data-parallel processes) makes f_e and the token count those of the whole
+    global batch; each process then returns its share of the global losses, which are linear in its own
+    probabilities, so the processes' shares add up to (and their gradients sum to) the one-process loss.
+    """
+    num_experts = router_logits[0].shape[-1]
+    mask = (torch.ones(router_logits[0].shape[0], device=router_logits[0].device) if attention_mask is None
+            else attention_mask.reshape(-1).float())                                  # (N,)
+    counts, probs, z = [], [], []
+    for logits in router_logits:
+        p = torch.softmax(logits.float(), dim=-1)                                     # (N, E)
+        chosen = p.topk(top_k, dim=-1).indices.reshape(-1)                            # (N·k,)
+        counts.append(torch.zeros(num_experts, device=p.device).index_add_(0, chosen, mask.repeat_interleave(top_k)))
+        probs.append((p * mask[:, None]).sum(0))
+        z.append((torch.logsumexp(logits.float(), dim=-1).square() * mask).sum())
+    counts = torch.stack(counts)                                                      # (L, E), no gradient
+    rows = mask.sum() * len(router_logits)
+    if reduce is not None:
+        counts, rows = reduce(counts), reduce(rows)
+    balance = num_experts * (counts.sum(0) / rows * torch.stack(probs).sum(0) / rows).sum()
+    return balance, torch.stack(z).sum() / rows, counts

@@ -37,6 +37,13 @@ class Dist:
         dist.all_reduce(t)
         return t.item()
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the ranks (a new tensor, outside autograd): the MoE routing counts."""
+        tensor = tensor.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -21,6 +21,11 @@ examples carry. Its parameters have their own AdamW on the same schedule, withou
 times the lr_scale matching "auxiliary.<name>"; they live in the trainer state (not in the model's
 weights), so a resumed run continues them. It runs in one process only.
 
+A mixture-of-experts decoder adds its router losses to the loss (models/paligemma.py, nn/losses.router_losses),
+over each global micro-batch; metrics.jsonl logs them beside the suffix `loss` (router_balance_loss,
+router_z_loss) with the tokens each expert of each sparse layer got since the last line (expert_counts), and
+loss.png gets a second panel, the expert load (max / mean tokens per expert) of each layer.
+
 The run's state (model, optimizers, step, checkpoints, the run directory's rules) is run_state.py; this
 file is the loop over it.
 """
@@ -267,9 +272,18 @@ def _plot(metrics_file: Path, out: Path) -> None:
     rows = [r for r in _records(metrics_file) if "loss" in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    experts = [r for r in rows if "expert_counts" in r]
+    fig, axes = plt.subplots(1, 2 if experts else 1, figsize=(11 if experts else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_yscale("log"), ax.grid(alpha=0.3)
+    if experts:  # per sparse layer: tokens of its busiest expert / the mean over its experts (1 = balanced)
+        ax = axes[0, 1]
+        load = [[max(c) / max(sum(c) / len(c), 1e-9) for c in r["expert_counts"]] for r in experts]
+        for layer, line in enumerate(zip(*load)):
+            ax.plot([r["step"] for r in experts], line, label=f"sparse layer {layer}", lw=1)
+        ax.set_xlabel("step"), ax.set_ylabel("expert load (max / mean)"), ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -312,7 +326,7 @@ def fit(config: TrainConfig, train_data=None, eval_data=None, auxiliary: torch.n
         with _StopSignal() as stop:
             while run.step < config.steps and not stop.requested:
                 micro = _micro_batches(run, stream, meter)
-                loss, aux_loss, grad_norm, lr = _train_step(run, micro)
+                loss, aux_loss, grad_norm, lr = _train_step(run, micro, meter)
                 meter.steps += 1
                 bar.update(1)
                 if run.step % config.log_every == 0 or run.step == config.steps:
@@ -384,6 +398,7 @@ class _Meter:
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     tokens: int = 0
+    router: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE: summed router losses, expert counts
 
 
 def _micro_batches(run: Run, stream: Iterator[Example], meter: _Meter) -> list[tuple[dict, list[Example], int]]:
@@ -405,24 +420,30 @@ def _micro_batches(run: Run, stream: Iterator[Example], meter: _Meter) -> list[t
     return micro
 
 
-def _train_step(run: Run, micro: list[tuple[dict, list[Example], int]]):
+def _train_step(run: Run, micro: list[tuple[dict, list[Example], int]], meter: _Meter):
     """One optimizer step over the micro-batches; returns (language-model loss, auxiliary loss, gradient norm
-    or None, the step's lr), the losses as tensors (no host-device sync until a log step reads them)."""
+    or None, the step's lr), the losses as tensors (no host-device sync until a log step reads them). A
+    mixture-of-experts decoder's router losses and expert counts are added up in meter.router."""
     config, d, wrapped = run.config, run.d, run.wrapped
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
     # divide by the count over the global batch, times world size (DDP/FSDP average the ranks)
     total = d.sum(sum(n for _, _, n in micro))
+    # router losses: routing statistics over each global micro-batch, the step's the mean over its micro-batches
+    router = dict(router_reduce=d.all_reduce if d.world > 1 else None, router_scale=d.world / len(micro))
     step_loss = aux_loss = 0.0
     for i, (batch, examples, _) in enumerate(micro):
         sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-            lm_loss = run.objective.loss(wrapped, batch, config, denominator=max(total, 1) / d.world)
-            loss = lm_loss
+            out = run.objective.forward(wrapped, batch, config, denominator=max(total, 1) / d.world, **router)
+            loss = lm_loss = out.loss
+            if getattr(out, "expert_counts", None) is not None:  # mixture of experts: `loss` has the router losses
+                lm_loss = out.lm_loss
+                _add_router(meter, out, len(micro))
             if run.auxiliary is not None:  # on the features this forward just made: (B, P, D)
                 aux = run.auxiliary(run.captured.pop(), examples) / len(micro)
                 run.captured.clear()  # what evaluation's forwards added
                 aux_loss = aux_loss + aux.detach()
-                loss = lm_loss + aux
+                loss = loss + aux
         loss.backward()
         step_loss = step_loss + lm_loss.detach() / d.world
     grad_norm = (torch.nn.utils.clip_grad_norm_(run.trained_parameters(), config.max_grad_norm)
@@ -445,8 +466,20 @@ def _log_step(run: Run, metrics: Path, bar: tqdm, meter: _Meter, loss, aux_loss,
               "examples_per_s": examples_per_s, "tokens_per_s": tokens / seconds}
     if run.auxiliary is not None:
         record["aux_loss"] = float(aux_loss)
+    if meter.router:  # mixture of experts: per-step means of the router losses, expert counts since the last line
+        record.update({f"router_{k}": run.d.sum(float(v)) / meter.steps for k, v in meter.router.items()
+                       if k != "counts"}, expert_counts=meter.router["counts"].round().long().tolist())
     _log(run, metrics, record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{examples_per_s:.1f}")
+
+
+def _add_router(meter: _Meter, out, micro_batches: int) -> None:
+    """Add a forward's router losses (this process's share of its global micro-batch's, over the step's
+    micro-batches: summed over the processes at the log line) and its global micro-batch's expert counts
+    (the same on every process) to meter.router."""
+    for key, value in (("balance_loss", out.balance_loss / micro_batches), ("z_loss", out.z_loss / micro_batches),
+                       ("counts", out.expert_counts)):
+        meter.router[key] = meter.router.get(key, 0) + value.detach()
 
 
 def _log(run: Run, metrics: Path, record: dict) -> None:

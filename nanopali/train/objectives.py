@@ -54,9 +54,11 @@ class Suffix:
         batch = collate(processor, items, config.max_length)
         return batch, suffix_count(batch["labels"], config.loss_reduction), int(batch["attention_mask"].sum())
 
-    def loss(self, wrapped, batch, config, denominator: float) -> torch.Tensor:
+    def forward(self, wrapped, batch, config, denominator: float, **router):
+        """The model's output; its `.loss` includes a mixture-of-experts decoder's router losses, computed over the
+        global micro-batch with `router` (router_reduce, router_scale: models/paligemma.py)."""
         return wrapped(**batch, reduction=config.loss_reduction, label_smoothing=config.label_smoothing,
-                       denominator=denominator).loss
+                       denominator=denominator, **router)
 
     def evaluate(self, model, processor, items, config) -> dict:
         return evaluate(model, processor, items, config.batch_size, config.eval_max_new_tokens)
@@ -90,9 +92,10 @@ class Contrastive:
         batch = collate_pairs(processor, items)
         return batch, len(items), int(batch["input_ids"].numel())
 
-    def loss(self, wrapped, batch, config, denominator: float) -> torch.Tensor:
-        """This process's share of the global batch's loss (train/losses.py); `denominator` is the suffix loss's."""
-        return wrapped(**batch, return_loss=True, loss_fn=partial(contrastive_loss, self.name)).loss
+    def forward(self, wrapped, batch, config, denominator: float, **router):
+        """The model's output, whose `.loss` is this process's share of the global batch's loss (train/losses.py);
+        `denominator` and `router` are the suffix objective's (a SigLIP has no experts)."""
+        return wrapped(**batch, return_loss=True, loss_fn=partial(contrastive_loss, self.name))
 
     def evaluate(self, model, processor, items, config) -> dict:
         return evaluate_contrastive(model, processor, items, config.batch_size)

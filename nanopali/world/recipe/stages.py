@@ -90,6 +90,27 @@ def _smooth_codes(n: int, dim: int) -> torch.Tensor:
     return (torch.cat([angles.sin(), angles.cos()], 1) * math.sqrt(2)).float()
 
 
+def smooth_locs(model: PaliGemma, tokenizer) -> PaliGemma:
+    """A fresh model's <loc> embedding rows: half their random init, half a smooth code of the value they stand for."""
+    with torch.no_grad():
+        locs = [tokenizer.token_to_id(f"<loc{k:04d}>") for k in range(1024)]
+        embed = model.decoder.embed_tokens.weight
+        embed[locs] = 0.02 * (0.5 * embed[locs] / 0.02 + 0.5 * _smooth_codes(1024, embed.shape[1]))
+    return model
+
+
+def ship_checkpoint(source: Path, out: Path, vae: Path) -> Path:
+    """`source` as a shipped model in `out` (replaced): bf16 weights, no optimizer state, tokenizer, the VQ-VAE."""
+    if out.exists():
+        shutil.rmtree(out)
+    PaliGemma.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+    Processor.from_pretrained(source).save_pretrained(out)
+    shutil.copy(vae, out / CHECKPOINT_NAME)
+    for f in out.iterdir():
+        f.chmod(0o644)  # the weights are written through a private temp file; installed copies must be readable
+    return out
+
+
 def stage_init(work: Path) -> Path:
     """The PaliGemma config and from-scratch weights; the <loc> embeddings start smooth in their value."""
     out = work / "init"
@@ -99,11 +120,7 @@ def stage_init(work: Path) -> Path:
         config = PaliGemmaConfig(VisionConfig(**VISION), TextConfig(vocab_size=image_id + 1, **TEXT),
                                  image_token_index=image_id)
         torch.manual_seed(SEEDS["train"])
-        model = PaliGemma(config).init_weights()
-        with torch.no_grad():  # <loc> rows: half random, half a smooth code of the value they stand for
-            locs = [tokenizer.token_to_id(f"<loc{k:04d}>") for k in range(1024)]
-            embed = model.decoder.embed_tokens.weight
-            embed[locs] = 0.02 * (0.5 * embed[locs] / 0.02 + 0.5 * _smooth_codes(1024, embed.shape[1]))
+        model = smooth_locs(PaliGemma(config).init_weights(), tokenizer)
         model.save_pretrained(out)
         Processor(tokenizer, image_size=IMAGE_SIZE, num_image_tokens=config.num_image_tokens).save_pretrained(out)
     return out
@@ -179,13 +196,7 @@ def stage_ship(work: Path, n_eval: int = 1000) -> Path:
     source = next((c for c in (checkpoint.latest(work / run) for run in reversed(RUNS)) if c is not None), None)
     if source is None:
         raise SystemExit(f"no checkpoint under {work / 'run'}: run the train stage first")
-    if SHIP.exists():
-        shutil.rmtree(SHIP)
-    PaliGemma.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(SHIP)
-    Processor.from_pretrained(source).save_pretrained(SHIP)
-    shutil.copy(stage_vae(work), SHIP / CHECKPOINT_NAME)
-    for f in SHIP.iterdir():
-        f.chmod(0o644)  # the weights are written through a private temp file; installed copies must be readable
+    ship_checkpoint(source, SHIP, stage_vae(work))
     write_examples()
     start = time.perf_counter()
     metrics, records = evaluate_world(nanopali.load(SHIP), n_scenes=n_eval, seed=SEEDS["eval"], size=IMAGE_SIZE,
