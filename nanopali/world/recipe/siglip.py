@@ -237,9 +237,9 @@ STAGES = {"data": stage_data, "init": stage_init, "train": stage_train, "ship": 
 
 # The comparison is LiT, as the shipped model and the paper's SigLiT experiments: the default PaliGemma's tower
 # locked, a smaller text tower (2 layers of 128, projected to the tower's 256) learning from the same init. Every run
-# sees the same EXAMPLES pairs in the same order, each objective from its own initial temperature and bias (SigLIP:
-# log 10 and -10; CLIP: log 1/0.07), both at 10x the lr; only the objective and the batch size (hence the number of
-# steps) change.
+# sees the same `examples` pairs, in one of two orders (`seeds`), each objective from its own initial temperature and
+# bias (SigLIP: log 10 and -10; CLIP: log 1/0.07), both at 10x the lr; only the objective, the batch size (hence the
+# number of steps) and the order change.
 MINI_TEXT = dict(TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2, projection_size=VISION["hidden_size"])
 COMPARE = dict(batch_sizes=(32, 128, 512), examples=12_288, lr=1e-3, seeds=(2, 3))  # seed: the pairs' order
 
