@@ -118,24 +118,23 @@ def stage_init(work: Path, objective: str = "siglip") -> Path:
     return init_model(work / f"init-{objective}", objective)
 
 
-def stage_lit_init(work: Path) -> Path:
-    """The from-scratch init with the shipped PaliGemma's vision tower in place of the random one (the pooling head
-    stays fresh: PaliGemma's tower has none)."""
-    out = work / "init-lit"
+def lit_init(out: Path, objective: str = "siglip", text: dict = TEXT) -> Path:
+    """init_model's weights with the default PaliGemma's vision tower in place of the random one (the pooling head
+    stays fresh: PaliGemma's tower has none): where every LiT run here starts."""
     if not (out / "config.json").is_file():
-        model = SigLIP.from_pretrained(stage_init(work))
+        init_model(out, objective, text=text)
+        model = SigLIP.from_pretrained(out)
         tower = PaliGemma.from_pretrained(DEFAULT_MODEL_DIR).vision.state_dict()
         missing = model.vision_model.load_state_dict(tower, strict=False).missing_keys
         if any(not k.startswith("head.") for k in missing):
             raise RuntimeError(f"the default PaliGemma's tower lacks {missing}")
         model.save_pretrained(out)
-        SigLIPProcessor.from_pretrained(stage_init(work)).save_pretrained(out)
     return out
 
 
 def stage_train(work: Path) -> Path:
     """The shipped model: LiT on the default PaliGemma's tower (WORK/lit)."""
-    config = TrainConfig(model=str(stage_lit_init(work)), out=str(work / "lit"), resume=True, **LIT)
+    config = TrainConfig(model=str(lit_init(work / "init-lit")), out=str(work / "lit"), resume=True, **LIT)
     return fit(config, train_data=WorldPairs(stage_data(work)))
 
 
@@ -210,7 +209,8 @@ with a word. On photos its answers are meaningless.
   stays fixed; its new pooling head, the text tower (from scratch), the temperature and the bias learn with
   nanopali's trainer (`--objective siglip --recipe freeze-vision-encoder`): {LIT}, from the paper's initial
   temperature and bias (t' = log 10, b = -10), on a 2-core CPU ({hours:.1f} h). Checkpoint: {source.name}.
-  Training a SigLIP of the same size from scratch costs about three times the compute per step and many more steps.
+  Training a SigLIP of the same size from scratch costs several times the compute per step (the locked tower needs
+  no backward) and many more steps.
 - Reproduce: `python scripts/make_default_siglip.py --work runs/siglip`.
 
 ## Held-out scores (1000 scenes of each seed; training used seed 2)
@@ -252,13 +252,7 @@ def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
     from nanopali.zero_shot import Contrastive
 
     for objective in objectives:
-        init = work / f"compare-init-{objective}"
-        if not (init / "config.json").is_file():
-            init_model(init, objective, text=MINI_TEXT)
-            model = SigLIP.from_pretrained(init)
-            model.vision_model.load_state_dict(PaliGemma.from_pretrained(DEFAULT_MODEL_DIR).vision.state_dict(),
-                                               strict=False)  # all but the pooling head
-            model.save_pretrained(init)
+        init = lit_init(work / f"compare-init-{objective}", objective, MINI_TEXT)
         for seed, batch in ((seed, batch) for seed in COMPARE["seeds"] for batch in COMPARE["batch_sizes"]):
             run = work / f"compare-{objective}-{batch}-seed{seed}"
             if (run / "score.json").is_file():
@@ -266,7 +260,7 @@ def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
             steps = COMPARE["examples"] // batch
             config = TrainConfig(model=str(init), out=str(run), resume=True, objective=objective,
                                  recipe="freeze-vision-encoder", steps=steps, batch_size=batch, lr=COMPARE["lr"],
-                                 lr_scale={"logit_*": 10.0}, warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
+                                 lr_scale=LIT["lr_scale"], warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
                                  weight_decay=1e-4, log_every=max(1, steps // 100), save_every=max(1, steps // 8),
                                  keep_checkpoints=1, seed=seed)
             start = time.perf_counter()
