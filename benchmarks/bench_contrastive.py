@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,22 +36,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_generate import cpu_seconds, other_load, peak_rss_gib  # the generation benchmark's measurements
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=16, vision_use_head=True),
             text=dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, max_position_embeddings=64))
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def busy_all() -> float:
-    """Seconds of CPU all processes used so far (from /proc/stat); minus the workers' own, how busy the machine was."""
-    fields = open("/proc/stat").readline().split()[1:]
-    return sum(map(int, fields[:3])) / os.sysconf("SC_CLK_TCK")
 
 
 def nanopali_model(sizes=BASE):
@@ -104,7 +94,10 @@ def worker_train(framework: str, n: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "times": timed_steps(step, steps), "peak_rss_gib": peak_rss_gib()}
+    before, start = cpu_seconds(), time.perf_counter()
+    times = timed_steps(step, steps)
+    return {"params": params, "times": times, "peak_rss_gib": peak_rss_gib(),
+            "cpu_share": other_load(before, cpu_seconds(), time.perf_counter() - start)}
 
 
 def worker_embed(framework: str, n: int, steps: int, folder: str) -> dict:
@@ -169,11 +162,6 @@ def worker_loss(impl: str, global_batch: int, dim: int) -> dict | None:
 
 # ------------------------------------------------------------------------------------ driver
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_worker(args: list[str], world: int = 1) -> dict:
     # A fixed mmap threshold: glibc then returns every freed large tensor to the system at once, so the peak RSS
     # follows the peak of live memory (with its default, rising threshold, freed blocks stay in the heap).
@@ -181,29 +169,24 @@ def run_worker(args: list[str], world: int = 1) -> dict:
            "MALLOC_MMAP_THRESHOLD_": "131072"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone"]
                 if world > 1 else [sys.executable])
-    before, own_before = busy_all(), _children_cpu()
-    start = time.perf_counter()
     proc = subprocess.run([*launcher, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"worker {args} failed:\n{proc.stderr[-4000:]}")
-    wall = time.perf_counter() - start
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    others = (busy_all() - before) - (_children_cpu() - own_before)
-    result["cpu_share"] = max(0.0, others) / (wall * os.cpu_count())
-    return result
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def alternate(frameworks: tuple[str, str], args: list[str], rounds: int, extra: list[str] = ()) -> dict[str, dict]:
+def alternate(part: str, frameworks: tuple[str, str], args: list[str], rounds: int) -> dict[str, dict]:
     """Each framework's worker `rounds` times, alternating (A B B A A B ...), so that a neighbour's load falls on both
     alike: the timings of all rounds pooled, the largest peak RSS, the mean share of the CPUs others took."""
     rows: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     for r in range(rounds):
         for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
-            rows[fw].append(run_worker([args[0], fw, *args[1:], *extra]))
+            rows[fw].append(run_worker([part, fw, *args]))
     merged = {}
     for fw, results in rows.items():
-        merged[fw] = {**results[0], "peak_rss_gib": max(x["peak_rss_gib"] for x in results),
-                      "cpu_share": statistics.mean(x["cpu_share"] for x in results)}
+        merged[fw] = {**results[0], "peak_rss_gib": max(x["peak_rss_gib"] for x in results)}
+        if "cpu_share" in results[0]:
+            merged[fw]["cpu_share"] = statistics.mean(x["cpu_share"] for x in results)
         for key in ("times", "image", "text"):
             if key in results[0]:
                 merged[fw][key] = [t for x in results for t in x[key]]
@@ -226,7 +209,7 @@ def main() -> None:
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     if args.part == "train":
-        rows = alternate(("open_clip", "nanopali"), ["train", str(args.batch), str(args.steps)], args.rounds)
+        rows = alternate("train", ("open_clip", "nanopali"), [str(args.batch), str(args.steps)], args.rounds)
         print(f"\nSigLIP-B/16 training step, batch {args.batch}, fp32 (median of {args.rounds} x {args.steps} steps, "
               "each worker after a warm-up step)")
         print("| framework | parameters | s/step | examples/s | ratio | peak RSS GiB | ratio | others' CPU share |")
@@ -241,8 +224,8 @@ def main() -> None:
     elif args.part == "embed":
         with tempfile.TemporaryDirectory() as folder:
             nanopali_model().save_pretrained(folder)
-            rows = alternate(("transformers", "nanopali"), ["embed", str(args.batch), str(args.steps)], args.rounds,
-                             [folder])
+            rows = alternate("embed", ("transformers", "nanopali"), [str(args.batch), str(args.steps), folder],
+                             args.rounds)
         print(f"\nSigLIP-B/16 features, batch {args.batch}, fp32, no grad (median of {args.rounds} x {args.steps} calls)")
         print("| framework | images/s | ratio | texts/s | ratio | peak RSS GiB |")
         print("|---|---|---|---|---|---|")
