@@ -146,6 +146,28 @@ def test_grouped_gemm_dispatch_equals_the_expert_loop():
                                rtol=2e-2, atol=2e-2)
 
 
+def test_fast_experts_keep_the_grouped_gemm_off_the_cpu_decode_path(monkeypatch):
+    """FastExperts takes its one-row kernels only for a CPU inference step's single row; any other single row (a
+    GPU decode step, training) keeps Experts' grouped GEMM, which needs no host sync and can be graph-captured."""
+    from nanopali.inference import cpu_kernels
+
+    torch.manual_seed(0)
+    experts = Experts(4, 32, 24).to(torch.bfloat16)
+    fast = cpu_kernels.FastExperts(experts, cpu_kernels.PLAIN)
+    calls = []
+    real = cpu_kernels.grouped_experts
+    monkeypatch.setattr(cpu_kernels, "grouped_experts", lambda *a: calls.append(1) or real(*a))
+    x, ids, weights = torch.randn(1, 32, dtype=torch.bfloat16), torch.tensor([[0, 2]]), torch.rand(1, 2)
+    with torch.no_grad():
+        want = experts(x, ids, weights)
+        fast(x, ids, weights)
+    assert calls == [], "a CPU decode step's row takes the one-row kernels"
+    monkeypatch.setattr(cpu_kernels, "_inference_cpu", lambda x: False)  # as on a GPU
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, ids, weights), want)
+    assert calls == [1]
+
+
 def test_upcycled_and_one_expert_models_equal_the_dense_model():
     torch.manual_seed(0)
     dense = PaliGemma(tiny_config(300, 299, 2)).init_weights(0.2).eval()

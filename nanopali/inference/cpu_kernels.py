@@ -354,8 +354,8 @@ class FastGeluMLP(nn.Module):
 
 class FastExperts(nn.Module):
     """Mixture-of-experts Experts whose products take the kernels: each expert's rows through `kernels.linear` (a
-    decoded token's expert is a one-row product), gelu(gate)·up fused; float bf16 weights on more than one row
-    (a prefill) take the grouped GEMM, as Experts does. With the float Experts' own parameters,
+    decoded token's expert is a one-row product), gelu(gate)·up fused; float bf16 weights take the grouped GEMM
+    as Experts does, but for a CPU decode step's one row. With the float Experts' own parameters,
     or with `quantized` buffers from quantize.py: gate_up_proj / down_proj int8 (E, N, K) with fp32 row scales
     gate_up_scale / down_scale (E, N), or int4 packed uint8 (E, N, K / 2) with their (E, K / G, N, 2) scales
     and zeros."""
@@ -376,7 +376,9 @@ class FastExperts(nn.Module):
         return self.kernels.linear(rows, weight, scale)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_scale is None and x.shape[0] > 1 and grouped_mm_available(x):  # float, more than a row
+        # float weights: the grouped GEMM, as Experts, except for the one row of a CPU decode step (the kernels' one-row
+        # products); a GPU decode step keeps it, where the expert loop would sync the host and break CUDA graphs
+        if self.gate_up_scale is None and (x.shape[0] > 1 or not _inference_cpu(x)) and grouped_mm_available(x):
             return dispatch(x, experts, weights, self.num_experts,
                             grouped=lambda rows, offsets: grouped_experts(rows, offsets, self.gate_up_proj,
                                                                           self.down_proj))
