@@ -77,14 +77,14 @@ class CpuMeter:
 
 
 def sequential(pali, requests, max_tokens: int | None) -> dict:
-    from nanopali.pipeline import task_of
+    from nanopali.pipeline import prompt_task
 
     options = {"max_new_tokens": max_tokens} if max_tokens else {}
     latencies, tokens, meter = [], 0, CpuMeter().start()
     start = time.perf_counter()
     for image, prompt in requests:
         t = time.perf_counter()
-        task = task_of(prompt)
+        task = prompt_task(prompt)
         if task in ("detect", "segment"):
             getattr(pali, task)(str(image), prompt.split(" ", 1)[1].split(" ; "), **options)
         elif task == "answer":

@@ -187,7 +187,7 @@ class Pali:
         gets the answer's text as it is generated (on the thread that steps the batch)."""
         _check_string("prompt", prompt)
         check_text(prompt, "the prompt")
-        task = task_of(prompt)
+        task = prompt_task(prompt)
         if task == "segment":
             self._check_vae("segment")
         image = load_image(image, max_pixels=max_pixels)
@@ -206,7 +206,7 @@ class Pali:
     def result(self, row: Row, convention: str = "bigvision") -> str | Objects:
         """A finished row's answer as its task gives it: the text, or for a `detect` / `segment` prompt the
         Objects that `detect` / `segment` return (boxes in pixels of the row's image)."""
-        task = task_of(row.prompt)
+        task = prompt_task(row.prompt)
         if task not in ("detect", "segment"):
             return row.answer.text
         vae = self.vae if task == "segment" else None
@@ -250,7 +250,7 @@ class Pali:
         return [(a.text, a.spans) for a in answers]
 
 
-def task_of(prompt: str) -> str:
+def prompt_task(prompt: str) -> str:
     """The task of a PaliGemma prompt, by its first word ("detect cat" -> "detect"); "generate" for any other."""
     word = prompt.split(maxsplit=1)[0] if prompt.strip() else ""
     return word if word in TASK_TOKENS else "generate"
