@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hf_reference import batch, hf_config, hf_model
 
@@ -163,6 +164,70 @@ def test_int8_by_int8_product_is_within_its_rounding_bound(rows):
     want = (xi.double() @ w.double().T) * scale.double()
     sizes = (xi.double().abs() @ w.double().abs().T) * scale.double()
     assert ((got - want).abs() <= 2 ** -23 * (K // 32) * sizes).all()  # fp32 sums of K / 32 exact block sums
+
+
+@pytest.mark.parametrize("N", [64, 96, 48, 16])  # torch's packing: whole blocks of 32 / 64 rows, and tails
+@pytest.mark.parametrize("G", [32, 128])
+@pytest.mark.parametrize("sz_dtype", [torch.bfloat16, torch.float32])
+def test_int4_by_int8_product_equals_its_definition(N, G, sz_dtype):
+    """native.py's W4A8 product on torch's packed int4 weights: x rounded to int8 in blocks of 32 (scale max|x| / 127)
+    for the Σ q·x term, w = (q - 8)·s + z per group. Equal (to fp32 sums) to that product written here in float64 from
+    the unpacked definition; within the rounding of x of the exact product; and the path linear_int4 takes for one
+    row under "native"."""
+    g = torch.Generator().manual_seed(N + G)
+    K = 256
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    sz = torch.stack([torch.rand(K // G, N, generator=g) / 100, torch.randn(K // G, N, generator=g) / 100], -1).to(sz_dtype)
+    s, z = (sz[..., i].double().repeat_interleave(G, 0).T for i in (0, 1))                      # (N, K) each
+    x = torch.randn(1, K, generator=g) * torch.logspace(-2, 1, K // 32).repeat_interleave(32)    # blocks of all sizes
+    got = native.gemv_int4(x, packed, sz, cpu_kernels.int4_block())
+    assert got is not None and got.shape == (1, N) and got.dtype == torch.float32
+    xd = x.double()
+    step = xd.view(K // 32, 32).abs().amax(-1).repeat_interleave(32) / 127
+    xr = torch.round(xd / step) * step                                                            # x on the int8 grid
+    w = (q.double() - 8) * s + z
+    want = (xr * s * q).sum(-1) + (xd * (z - 8 * s)).sum(-1)                                    # the definition
+    size = (xr.abs() * s * q).sum(-1) + (xd.abs() * (z - 8 * s).abs()).sum(-1)
+    assert ((got.double() - want).abs() <= 1e-5 * size).all()
+    exact = (xd * w).sum(-1)
+    bound = (step / 2 * s * q.double()).sum(-1) + 1e-5 * size                                    # x's rounding
+    assert ((got.double() - exact).abs() <= bound).all()
+    with torch.no_grad():
+        via = CpuKernels(force="native").linear_int4(x.bfloat16(), packed, sz)
+        plain = CpuKernels(force="library").linear_int4(x.bfloat16(), packed, sz)
+    same = native.gemv_int4(x.bfloat16(), packed, sz, cpu_kernels.int4_block())
+    torch.testing.assert_close(via.float(), same, rtol=2 ** -7, atol=1e-4)                      # bf16 of the same
+    assert (via.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
+    assert native.gemv_int4(torch.randn(2, K), packed, sz, cpu_kernels.int4_block()) is None    # one row only
+
+
+def test_widened_products_equal_the_fp32_product(monkeypatch):
+    """Where this CPU multiplies bf16 slowly (widen_is_faster), a large model's products of 32 rows or more run as fp32
+    GEMMs on the weight widened chunk by chunk: the fp32 product of the bf16 inputs (+ bias), rounded once; int8
+    weights times their row scales. Fewer rows, autograd and small models keep torch's bf16 product."""
+    measured = cpu_kernels.widen_is_faster
+    monkeypatch.setattr(cpu_kernels, "widen_is_faster", lambda dtype: True)
+    monkeypatch.setattr(cpu_kernels, "WIDEN_CHUNK", 96 * 40)                 # 3 chunks of 40 rows, the last short
+    g = torch.Generator().manual_seed(5)
+    linear = nn.Linear(96, 100).bfloat16()
+    x = torch.randn(2, 20, 96, generator=g).bfloat16()                        # 40 rows
+    kernels = CpuKernels()
+    fast = cpu_kernels.FastLinear(linear, kernels)
+    with torch.no_grad():
+        assert kernels.widens(x, linear.weight) and not kernels.widens(x[:, :15], linear.weight)
+        assert not CpuKernels(measure=False).widens(x, linear.weight)
+        got = fast(x)
+        w8 = torch.randint(-127, 128, (100, 96), generator=g, dtype=torch.int8)
+        scale = torch.rand(100, generator=g) / 100
+        got8 = kernels.linear(x, w8, scale)
+    assert not kernels.widens(x, linear.weight)                               # autograd is on
+    want = x.float() @ linear.weight.float().T + linear.bias.float()
+    assert got.shape == (2, 20, 100) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5)    # rounded once to bf16
+    want8 = x.float() @ (w8.float() * scale[:, None]).T
+    torch.testing.assert_close(got8.float(), want8, rtol=2 ** -8, atol=1e-5)
+    assert isinstance(measured(torch.bfloat16), bool)                        # the real timing runs
 
 
 @pytest.fixture(scope="module", params=[1, 2])

@@ -3,14 +3,17 @@
     kernels = CpuKernels()                      # one per prepared model (inference/runtime.py owns it)
     kernels.linear(x, weight, scale=None)       # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N)
     kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps)
-    install(model, kernels)                     # swap the decoder's and vision MLPs' modules for Fast* ones
-                                                # (and a mixture of experts' Experts for FastExperts)
+    install(model, kernels)                     # swap the model's linears, the decoder's norms and MLPs and
+                                                # the vision MLPs for Fast* ones (an MoE's Experts: FastExperts)
 
 A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Three
 one-row paths exist, "native" (native.py's hand-written bf16 and int8-by-int8 products, compiled for this
 processor), "loop" (inductor's compiled (x · w).sum(-1): one vectorised pass over each weight row) and
-"library" (torch's F.linear / int8pack kernel); which is fastest depends on the processor, so a
-StepChooser times whole decode steps under each and keeps the fastest. Large inference tensors get gelu,
+"library" (torch's F.linear / int8pack kernel; int4: torch's kernel, or native.py's int4 x int8 product);
+which is fastest depends on the processor, so a StepChooser times whole decode steps under each and keeps the
+fastest. A prefill's products of a large model in bf16 / fp16 run as fp32 GEMMs on the weight widened chunk by
+chunk where this processor multiplies half precision slowly (AVX2 without AVX-512 BF16: timed once,
+`widen_is_faster`). Large inference tensors get gelu,
 GeGLU and RMSNorm as one compiled fp32 pass. Autograd, small tensors and `CpuKernels(enabled=False)`
 take the plain ops. A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
 """
@@ -44,6 +47,8 @@ INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpac
 SCRATCH_MAX = 1 << 26    # elements: larger dequantized weights (a vocabulary head) get a fresh tensor
 HALF = (torch.bfloat16, torch.float16)
 PATHS = ("native", "loop", "library")
+WIDEN_MIN_ROWS = 32      # fewer rows (batched decoding, beams): widening the weight costs more than the GEMM saves
+WIDEN_CHUNK = 1 << 22    # elements of weight widened to fp32 at a time (16 MiB, per thread)
 
 
 def _matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -95,6 +100,26 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
     q = unpack_int4(packed, N, K).view(N, groups, K // groups).float() - 8             # (N, K/G, G)
     scale, zero = scales_and_zeros.float().permute(2, 1, 0)                           # (N, K/G) each
     return (q * scale[..., None] + zero[..., None]).view(N, K).to(dtype)
+
+
+@functools.cache
+def widen_is_faster(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices slower than it widens the weight to fp32 and runs the fp32 GEMM.
+    Where the processor has no bf16 arithmetic (AVX2 without AVX-512 BF16 or AMX) torch's bf16 GEMM is emulated: 21
+    GFLOP/s against fp32's 130 on a 2-core Zen (BENCHMARKS.md); with AVX-512 BF16 it is the faster one. Timed once
+    per process and dtype on a 64 x 1024 x 1024 product, best of 3 each; widening must win by 1.5x."""
+    x, w, wide = torch.randn(64, 1024).to(dtype), torch.randn(1024, 1024).to(dtype), torch.empty(1024, 1024)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    with torch.no_grad():
+        return 1.5 * best(lambda: F.linear(x.float(), wide.copy_(w))) < best(lambda: F.linear(x, w))
 
 
 def _gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +260,35 @@ class CpuKernels:
                 return y
         return self._library(x, weight, scale)
 
+    def widened(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) half · weight (N, K)ᵀ (half, or int8 with its row scale) [+ bias] by fp32 GEMMs on chunks of
+        the weight widened into a per-thread buffer -> (..., N) in x.dtype, rounded once. yᵀ is computed so that each
+        chunk fills rows of it."""
+        *lead, K = x.shape
+        N, weight = weight.shape[0], weight.detach()
+        xt, out = x.reshape(-1, K).float().t(), torch.empty(N, x.numel() // K)
+        step = max(1, WIDEN_CHUNK // K)
+        buffer = self.scratch((min(step, N), K), torch.float32)
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            w = buffer[: n1 - n0]
+            if scale is None:
+                w.copy_(weight[n0:n1])
+            else:
+                torch.mul(weight[n0:n1], scale[n0:n1, None], out=w)
+            torch.mm(w, xt, out=out[n0:n1])
+        if bias is not None:
+            out += bias.float()[:, None]
+        return out.t().to(x.dtype).view(*lead, N)
+
+    def widens(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether linear(x, weight) runs as fp32 GEMMs on a widened weight: a large model's (measure=True) product
+        of WIDEN_MIN_ROWS rows or more in a half dtype this CPU multiplies slowly (widen_is_faster)."""
+        return (self.enabled and self.chooser.measure and _inference_cpu(x) and x.dtype in HALF
+                and weight.dtype in (x.dtype, torch.int8) and x.numel() >= WIDEN_MIN_ROWS * weight.shape[-1]
+                and widen_is_faster(x.dtype))
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) @ weight (N, K)ᵀ, times scale (N,) if given, in x.dtype."""
         *lead, K = x.shape
@@ -242,6 +296,8 @@ class CpuKernels:
         rows = x.numel() // K
         if self.takes_one_row(x, weight):
             return self._one_row(x.reshape(1, K), weight, scale).view(*lead, N)
+        if self.widens(x, weight):
+            return self.widened(x, weight, scale)
         if (weight.dtype == torch.int8 and self.enabled and _inference_cpu(x) and x.dtype in HALF + (torch.float32,)
                 and hasattr(torch, "_weight_int8pack_mm")):
             if rows <= MAX_ROWS:
@@ -257,6 +313,10 @@ class CpuKernels:
         *lead, K = x.shape
         groups, N, _ = scales_and_zeros.shape
         rows = x.numel() // K
+        if rows == 1 and self.enabled and _inference_cpu(x) and (self.forced or self.path) == "native":
+            y = native.gemv_int4(x, packed, scales_and_zeros, int4_block())
+            if y is not None:
+                return y.to(x.dtype).view(*lead, N)
         if self.enabled and _inference_cpu(x) and rows <= (INT4_KERNEL_ROWS if x.dtype == torch.bfloat16 else 4):
             return torch._weight_int4pack_mm_for_cpu(x.reshape(-1, K), packed, K // groups,
                                                      scales_and_zeros.to(x.dtype)).view(*lead, N)
@@ -294,17 +354,21 @@ PLAIN = CpuKernels(enabled=False)  # stateless when disabled: what unprepared qu
 
 
 class FastLinear(nn.Module):
-    """A bias-free nn.Linear (the same `weight` Parameter) whose products take `kernels.linear`."""
+    """An nn.Linear (the same `weight` and `bias` Parameters) whose products take `kernels.linear`: a decode step's
+    one row, and a prefill's rows widened to fp32 where that is faster."""
 
     def __init__(self, linear: nn.Linear, kernels: CpuKernels):
         super().__init__()
-        self.weight, self.kernels = linear.weight, kernels
+        self.weight, self.bias, self.kernels = linear.weight, linear.bias, kernels
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.takes_one_row(x, self.weight):
-            return self.kernels.linear(x, self.weight)
-        return F.linear(x, self.weight)
+            y = self.kernels.linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        if self.kernels.widens(x, self.weight):
+            return self.kernels.widened(x, self.weight, bias=self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class FastEmbedding(nn.Module):
@@ -392,7 +456,7 @@ class FastExperts(nn.Module):
         return dispatch(x, experts, weights, self.num_experts, expert)
 
 
-def _replacement(module: nn.Module, kernels: CpuKernels, in_decoder: bool) -> nn.Module | None:
+def _replacement(module: nn.Module, kernels: CpuKernels) -> nn.Module | None:
     if type(module) is Experts:
         return FastExperts(module, kernels)
     if type(module) is GeGLU:
@@ -401,19 +465,19 @@ def _replacement(module: nn.Module, kernels: CpuKernels, in_decoder: bool) -> nn
         return FastGeluMLP(module, kernels)
     if type(module) is RMSNorm:
         return FastRMSNorm(module, kernels)
-    if in_decoder and type(module) is nn.Linear and module.bias is None:
+    if type(module) is nn.Linear:
         return FastLinear(module, kernels)
     return None
 
 
 def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:
-    """Replace, in place, the modules of a PaliGemma that have a fast form: the decoder's linears, norms and
-    GeGLUs, its tied head, and the vision tower's MLPs. Parameters and state-dict keys stay as they were."""
+    """Replace, in place, the modules of a PaliGemma that have a fast form: every linear layer, the decoder's
+    norms and GeGLUs, its tied head, and the vision tower's MLPs. Parameters and state-dict keys stay as they were."""
     decoder = model.decoder
-    for root, in_decoder in ((decoder, True), (model.vision, False)):
+    for root in (decoder, model.vision, model.multi_modal_projector):
         for _, parent in reversed(list(root.named_modules())):  # children first: a FastGeGLU gets FastLinears
             for child_name, child in list(parent.named_children()):
-                new = _replacement(child, kernels, in_decoder)
+                new = _replacement(child, kernels)
                 if new is not None:
                     setattr(parent, child_name, new)
     if type(decoder.embed_tokens) is TiedEmbedding:  # an Int8Embedding already takes the kernels

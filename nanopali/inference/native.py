@@ -185,6 +185,117 @@ extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, 
         }
     }
 }
+
+/* int4 weights as torch's CPU packing lays them out (cpu_kernels.unpack_int4 documents it): blocks of B rows, each
+   column a run of B/2 bytes whose low nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1; the last N % B rows
+   one run of (N % B)/2 bytes a column, even rows low, odd rows high. w[n, k] = (q - 8) s[g, n] + z[g, n] for the group
+   g of G columns, s and z interleaved in sz (K/G, N, 2), fp32 or bf16 (sz_bf16). */
+static inline int q4_at(const uint8_t *packed, long N, long K, long B, long n, long k) {
+    long full = N - N % B;
+    if (n < full) {
+        long r = n % B, half = B / 2;
+        uint8_t byte = packed[(n / B) * B * K / 2 + k * half + r % half];
+        return r < half ? byte & 15 : byte >> 4;
+    }
+    long r = n - full;
+    uint8_t byte = packed[full * K / 2 + k * ((N - full) / 2) + r / 2];
+    return r % 2 ? byte >> 4 : byte & 15;
+}
+
+static inline float sz_at(const void *sz, int sz_bf16, long i) {
+    return sz_bf16 ? bf16_to_float(((const uint16_t *)sz)[i]) : ((const float *)sz)[i];
+}
+
+/* Σ_k w[n, k] x[k] = Σ_g s·Σ_{k in g} q x + (z - 8 s)·Σ_{k in g} x: the first sum on x rounded to int8 per block of 32
+   (q4_0 · q8_0, llama.cpp's way), the second on the unrounded x (gsum). One row n, scalar: the tail rows, and every
+   row where AVX2 is missing. */
+static void int4_rows_scalar(const uint8_t *packed, const void *sz, int sz_bf16, long N, long K, long G, long B,
+                             const int8_t *xq, const float *lane_scale, const float *gsum, long n, float *y) {
+    float total = 0.0f;
+    for (long g = 0; g < K / G; g++) {
+        float part = 0.0f;
+        for (long b = g * G; b < (g + 1) * G; b += 32) {
+            int32_t d = 0;
+            for (long k = b; k < b + 32; k++) d += q4_at(packed, N, K, B, n, k) * (int32_t)xq[k];
+            part += (float)d * lane_scale[b / 4];
+        }
+        float s = sz_at(sz, sz_bf16, (g * N + n) * 2), z = sz_at(sz, sz_bf16, (g * N + n) * 2 + 1);
+        total += part * s + (z - 8.0f * s) * gsum[g];
+    }
+    y[n] = total;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 32 rows at once: 16 bytes of every column's run in a block of B rows (rows r0..r0+15 in the low nibbles, r0+B/2..
+   in the high ones). Two columns k, k+1 are interleaved byte by byte (a permute and a shuffle), so each 16-bit lane
+   holds one row's pair of nibbles and `vpmaddubsw` with the pair (x[k], x[k+1]) gives q[k] x[k] + q[k+1] x[k+1];
+   16 columns are summed in 16 bits (at most 8 · 2 · 15 · 127 = 30480), then widened. */
+static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf16, long N, long K, long G,
+                      const int8_t *xq, const float *lane_scale, const float *gsum, long r0, float *y) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                           0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    float total[32] = {0.0f}, part[32];
+    for (long g = 0; g < K / G; g++) {
+        __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (long b = g * G; b < (g + 1) * G; b += 32) {
+            __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (long h = b; h < b + 32; h += 16) {
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (long k = h; k < h + 16; k += 2) {
+                    const uint8_t *p = base + k * half;
+                    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+                                                        _mm_loadu_si128((const __m128i *)(p + half)), 1);
+                    v = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xD8), pairs);  /* rows 0..15, (k, k+1) */
+                    __m256i xp = _mm256_set1_epi16((short)((uint16_t)(uint8_t)xq[k] | ((uint16_t)(uint8_t)xq[k + 1] << 8)));
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xp));
+                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xp));
+                }
+                d[0] = _mm256_add_epi32(d[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo)));
+                d[1] = _mm256_add_epi32(d[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1)));
+                d[2] = _mm256_add_epi32(d[2], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi)));
+                d[3] = _mm256_add_epi32(d[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1)));
+            }
+            __m256 xs = _mm256_set1_ps(lane_scale[b / 4]);
+            for (int j = 0; j < 4; j++) f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[j]), xs, f[j]);
+        }
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(part + 8 * j, f[j]);
+        for (int r = 0; r < 32; r++) {
+            long n = r0 + (r < 16 ? r : half + r - 16), i = (g * N + n) * 2;
+            float s = sz_at(sz, sz_bf16, i), z = sz_at(sz, sz_bf16, i + 1);
+            total[r] += part[r] * s + (z - 8.0f * s) * gsum[g];
+        }
+    }
+    for (int r = 0; r < 32; r++) y[r0 + (r < 16 ? r : half + r - 16)] = total[r];
+}
+#endif
+
+/* y (N,) = x (K,) fp32 · the int4 weight (N, K)ᵀ; K and G multiples of 32, B/2 a multiple of 16. Scratch: xq (K,),
+   lane_scale (K / 4,), gsum (K / G,). */
+extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz, int sz_bf16, float *y, long N,
+                          long K, long G, long B, int8_t *xq, float *lane_scale, float *gsum, int threads) {
+    quantize_x(x, xq, lane_scale, K);
+    for (long g = 0; g < K / G; g++) {
+        float t = 0.0f;
+        for (long k = g * G; k < (g + 1) * G; k++) t += x[k];
+        gsum[g] = t;
+    }
+    long full = N - N % B, half = B / 2;
+    long vector_rows = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    vector_rows = full;
+    long per_block = half / 16;                               /* 32-row units in a block */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long u = 0; u < full / 32; u++) {
+        long blk = u / per_block, c = u % per_block;
+        int4_unit(packed + blk * B * K / 2 + 16 * c, half, sz, sz_bf16, N, K, G, xq, lane_scale, gsum,
+                  blk * B + 16 * c, y);
+    }
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = vector_rows; n < N; n++)
+        int4_rows_scalar(packed, sz, sz_bf16, N, K, G, B, xq, lane_scale, gsum, n, y);
+}
 """
 
 
@@ -230,6 +341,7 @@ def _library() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     dll.gemv_bf16.argtypes = [p, p, p, i64, i64, i32]
     dll.gemv_w8a8.argtypes = [p, p, p, p, i64, i64, i64, p, p, i32]
+    dll.gemv_int4.argtypes = [p, p, p, i32, p, i64, i64, i64, i64, p, p, p, i32]
     return dll
 
 
@@ -265,4 +377,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         s = scale.float().contiguous()
         lib.gemv_w8a8(xf.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(), M, N, K, scratch.data_ptr(),
                       scratch.data_ptr() + M * K, threads)
+    return y
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int) -> torch.Tensor | None:
+    """One row x (1, K) · the int4 weight in torch's CPU packing (uint8 (N, K / 2), `block` rows per packing block:
+    cpu_kernels.int4_block()) with its (K / G, N, 2) scales and zeros -> fp32 (1, N); None when no kernel takes it
+    (no build, more than one row, K or G not a multiple of 32)."""
+    lib = _library()
+    groups, N, _ = scales_and_zeros.shape
+    K = packed.numel() * 2 // N
+    G = K // groups
+    if lib is None or x.numel() != K or K % BLOCK or G % BLOCK or block % 32 or packed.device.type != "cpu":
+        return None
+    sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
+    sz, xf = sz.contiguous(), x.float().contiguous()
+    y = torch.empty(1, N, dtype=torch.float32)
+    scratch = torch.empty(K + 4 * (K // 4) + 4 * groups, dtype=torch.uint8)  # int8 x, its lane scales, group sums of x
+    base = scratch.data_ptr()
+    lib.gemv_int4(xf.data_ptr(), packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
+                  y.data_ptr(), N, K, G, block, base, base + K, base + K + 4 * (K // 4), torch.get_num_threads())
     return y
