@@ -97,7 +97,8 @@ extern "C" void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, long N
         for (long r = 0; r < rows; r++) {
             const uint16_t *row = w + (n0 + r) * K;
             float a = acc[r];
-#pragma omp simd reduction(+:a)
+            /* no `omp simd` here: inside the parallel loop it cost the whole kernel 15-20 % of its stream (35-40 -> 43-48
+               GB/s at K = 2048 on a Zen 4 reading 47-50 GB/s, BENCHMARKS.md) although this tail never runs there */
             for (long j = k; j < K; j++) a += bf16_to_float(row[j]) * bf16_to_float(x[j]);
             y[n0 + r] = a;
         }
