@@ -1,9 +1,10 @@
 """Hand-written one-row products for decoding on the CPU, compiled for this processor at first use.
 
     y = native.gemv(x, weight, scale=None)   # x (1, K) @ weight (N, K)ᵀ [· scale (N,)] -> fp32 (1, N), or None
+    y = native.gemv_int4(x, packed, scales_and_zeros, block)   # x (1, K) @ torch's packed int4 weight -> fp32 (1, N)
 
 A decode step reads every weight once for one row of activations, so it runs at the speed weights stream
-from memory. Two products are written here, in C++ with the processor's vector instructions, as llama.cpp
+from memory. Three products are written here, in C++ with the processor's vector instructions, as llama.cpp
 does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
 - bf16 weights · bf16 x: dot products of bf16 pairs accumulated in fp32 (AVX-512 BF16 `vdpbf16ps`; on AVX2 the
   pairs widened to fp32 by a shift and a mask, and fused multiply-adds; elsewhere the compiler's loop).
@@ -11,6 +12,9 @@ does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
   each: max|x| / 127), int8 products summed in int32 per block (AVX-512 VNNI `vpdpbusd` on |x| and the weight
   with x's sign; on AVX2 `vpmaddubsw` + `vpmaddwd`, llama.cpp's way; elsewhere the compiler's loop), scaled per
   block in fp32, then by the weight's row scale. The weights must lie in [-127, 127] (quantize.py's range).
+- int4 weights (torch's CPU packing, read in place) · int8 x ("W4A8", llama.cpp's q4_0 · q8_0 way): x quantized
+  as above, nibble pairs of two columns interleaved so `vpmaddubsw` multiplies them with two x at once (AVX-512
+  VBMI `vpermb` on a whole 64-row block; on AVX2 32 rows at a time), the group's scale and zero applied after.
 Rows are split between torch's OpenMP threads (the library links the libgomp torch loaded). It builds once per
 source, compiler and processor into ~/.cache/nanopali (or $NANOPALI_CACHE) with the C++ compiler torch's
 inductor uses (`cpp_kernels.py`'s loop needs one too) and `-march=native`; if that fails, `available()` is False,
@@ -203,6 +207,9 @@ static inline int q4_at(const uint8_t *packed, long N, long K, long B, long n, l
     return r % 2 ? byte >> 4 : byte & 15;
 }
 
+/* (x[k], x[k+1]) as one 16-bit lane, x[k] in the low byte: their order in memory, so one broadcast load. */
+static inline short pair_at(const int8_t *p) { short v; memcpy(&v, p, 2); return v; }
+
 static inline float sz_at(const void *sz, int sz_bf16, long i) {
     return sz_bf16 ? bf16_to_float(((const uint16_t *)sz)[i]) : ((const float *)sz)[i];
 }
@@ -248,7 +255,7 @@ static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf1
                     __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
                                                         _mm_loadu_si128((const __m128i *)(p + half)), 1);
                     v = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xD8), pairs);  /* rows 0..15, (k, k+1) */
-                    __m256i xp = _mm256_set1_epi16((short)((uint16_t)(uint8_t)xq[k] | ((uint16_t)(uint8_t)xq[k + 1] << 8)));
+                    __m256i xp = _mm256_set1_epi16(pair_at(xq + k));
                     lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xp));
                     hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xp));
                 }
@@ -271,6 +278,61 @@ static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf1
 }
 #endif
 
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+/* A whole block of B = 64 rows (torch's packing where AVX-512 is): columns k and k+1 are 64 contiguous bytes, one
+   load; `vpermb` interleaves them byte by byte so that each 16-bit lane holds one row's pair of nibbles (rows 0..31 in
+   the low nibbles, 32..63 in the high ones), and `vpmaddubsw` with the pair (x[k], x[k+1]) gives q[k] x[k] +
+   q[k+1] x[k+1], as int4_unit does with half the width. The scales and zeros of the 64 rows are applied as vectors:
+   (s, z) pairs are 32-bit lanes, split by a shift and a mask (bf16) or two permutes (fp32). */
+static void int4_block64(const uint8_t *base, const void *sz, int sz_bf16, long N, long K, long G, const int8_t *xq,
+                         const float *lane_scale, const float *gsum, long r0, float *y) {
+    static const uint8_t order[64] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
+        11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56,
+        25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i m4 = _mm512_set1_epi8(15), pairs = _mm512_loadu_si512(order), hi16 = _mm512_set1_epi32((int)0xFFFF0000);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (long g = 0; g < K / G; g++) {
+        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (long b = g * G; b < (g + 1) * G; b += 32) {
+            __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (long h = b; h < b + 32; h += 16) {
+                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                for (long k = h; k < h + 16; k += 2) {
+                    __m512i v = _mm512_permutexvar_epi8(pairs, _mm512_loadu_si512(base + k * 32));
+                    __m512i xp = _mm512_set1_epi16(pair_at(xq + k));
+                    lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(_mm512_and_si512(v, m4), xp));
+                    hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), xp));
+                }
+                d[0] = _mm512_add_epi32(d[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)));
+                d[1] = _mm512_add_epi32(d[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+                d[2] = _mm512_add_epi32(d[2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)));
+                d[3] = _mm512_add_epi32(d[3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            }
+            __m512 xs = _mm512_set1_ps(lane_scale[b / 4]);
+            for (int j = 0; j < 4; j++) f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[j]), xs, f[j]);
+        }
+        __m512 gs = _mm512_set1_ps(gsum[g]), eight = _mm512_set1_ps(8.0f);
+        for (int j = 0; j < 4; j++) {
+            long i = (g * N + r0 + 16 * j) * 2;  /* the (s, z) pairs of rows r0 + 16 j .. + 15 */
+            __m512 s, z;
+            if (sz_bf16) {
+                __m512i v = _mm512_loadu_si512((const uint16_t *)sz + i);
+                s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+            } else {
+                __m512 a = _mm512_loadu_ps((const float *)sz + i), c = _mm512_loadu_ps((const float *)sz + i + 16);
+                s = _mm512_permutex2var_ps(a, even, c);
+                z = _mm512_permutex2var_ps(a, odd, c);
+            }
+            total[j] = _mm512_fmadd_ps(f[j], s, _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, s, z), gs, total[j]));
+        }
+    }
+    for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + r0 + 16 * j, total[j]);
+}
+#endif
+
 /* y (N,) = x (K,) fp32 · the int4 weight (N, K)ᵀ; K and G multiples of 32, B/2 a multiple of 16. Scratch: xq (K,),
    lane_scale (K / 4,), gsum (K / G,). */
 extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz, int sz_bf16, float *y, long N,
@@ -281,16 +343,25 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
         for (long k = g * G; k < (g + 1) * G; k++) t += x[k];
         gsum[g] = t;
     }
-    long full = N - N % B, half = B / 2;
-    long vector_rows = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    vector_rows = full;
-    long per_block = half / 16;                               /* 32-row units in a block */
+    long full = N - N % B, half = B / 2, vector_rows = 0;  /* rows done by a vector kernel: whole blocks */
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+    if (B == 64) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long u = 0; u < full / 32; u++) {
-        long blk = u / per_block, c = u % per_block;
-        int4_unit(packed + blk * B * K / 2 + 16 * c, half, sz, sz_bf16, N, K, G, xq, lane_scale, gsum,
-                  blk * B + 16 * c, y);
+        for (long blk = 0; blk < full / 64; blk++)
+            int4_block64(packed + blk * 64 * K / 2, sz, sz_bf16, N, K, G, xq, lane_scale, gsum, blk * 64, y);
+        vector_rows = full;
+    }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (vector_rows == 0) {
+        long per_block = half / 16;                               /* 32-row units in a block */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long u = 0; u < full / 32; u++) {
+            long blk = u / per_block, c = u % per_block;
+            int4_unit(packed + blk * B * K / 2 + 16 * c, half, sz, sz_bf16, N, K, G, xq, lane_scale, gsum,
+                      blk * B + 16 * c, y);
+        }
+        vector_rows = full;
     }
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
