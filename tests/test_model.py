@@ -95,3 +95,27 @@ def test_the_reference_comparison_is_sensitive(gemma2_pair, change):
     valid = inputs["attention_mask"].bool()
     diff = (changed[valid] - ref[valid]).abs().max().item()
     assert diff > 1e-2 * ref.abs().max().item(), f"{change} left the logits unchanged (diff {diff:.3g})"
+
+
+@pytest.mark.parametrize("kv", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_equals_sdpa(kv, dtype):
+    """A decode step's single query row on the CPU skips SDPA (slow there) for the explicit fp32 products: equal to
+    SDPA computed in float64 on the same inputs (grouped-query, masked slots ignored), rounded once to the dtype."""
+    import torch.nn.functional as F
+
+    from nanopali.nn.attention import attention
+
+    g = torch.Generator().manual_seed(kv)
+    B, H, S, D = 2, 8, 37, 64
+    q, k, v = (torch.randn(B, h, t, D, generator=g).to(dtype) for h, t in ((H, 1), (kv, S), (kv, S)))
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.7
+    mask[..., 0] = True
+    got = attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=kv != H)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    k2 = k.clone()
+    k2[~mask[:, 0, 0, :].unsqueeze(1).expand_as(k2[..., 0])] = 1e4              # what masked slots hold is ignored
+    torch.testing.assert_close(attention(q, k2, v, mask), got, rtol=0, atol=0)
