@@ -13,7 +13,8 @@ processor), "loop" (inductor's compiled (x · w).sum(-1): one vectorised pass ov
 which is fastest depends on the processor, so a StepChooser times whole decode steps under each and keeps the
 fastest. A prefill's products of a large model in bf16 / fp16 run as fp32 GEMMs on the weight widened chunk by
 chunk where this processor multiplies half precision slowly (AVX2 without AVX-512 BF16: timed once,
-`widen_is_faster`). Large inference tensors get gelu,
+`widen_is_faster`); an int4 prefill of 96 rows or more unpacks each weight into a reused bf16 buffer
+(native.dequantize_int4_t, where AVX-512 BF16 is) for the bf16 GEMM. Large inference tensors get gelu,
 GeGLU and RMSNorm as one compiled fp32 pass. Autograd, small tensors and `CpuKernels(enabled=False)`
 take the plain ops. A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
 """
@@ -44,6 +45,7 @@ TRIALS = 3      # timed decode steps of each one-row path before the faster one 
 ELEMENTWISE_MIN = 1 << 19  # tensors smaller than this take the eager elementwise ops
 MEASURE_MIN_PARAMS = 50_000_000  # smaller decoders take the library path without timing the loop
 INT4_KERNEL_ROWS = 1024  # bf16 rows up to which torch's int4 kernel beats unpacking + F.linear
+INT4_DEQUANT_ROWS = 96   # bf16 rows from which native.py's unpacking (AVX-512 BF16) + the bf16 GEMM beat it
 SCRATCH_MAX = 1 << 26    # elements: larger dequantized weights (a vocabulary head) get a fresh tensor
 HALF = (torch.bfloat16, torch.float16)
 PATHS = ("native", "loop", "library")
@@ -317,6 +319,10 @@ class CpuKernels:
             y = native.gemv_int4(x, packed, scales_and_zeros, int4_block())
             if y is not None:
                 return y.to(x.dtype).view(*lead, N)
+        if rows >= INT4_DEQUANT_ROWS and x.dtype == torch.bfloat16 and self.enabled and _inference_cpu(x):
+            weight_t = self.scratch((K, N), torch.bfloat16)  # the weight, transposed: see native.dequantize_int4_t
+            if native.dequantize_int4_t(packed, scales_and_zeros, int4_block(), weight_t):
+                return torch.matmul(x, weight_t)
         if self.enabled and _inference_cpu(x) and rows <= (INT4_KERNEL_ROWS if x.dtype == torch.bfloat16 else 4):
             return torch._weight_int4pack_mm_for_cpu(x.reshape(-1, K), packed, K // groups,
                                                      scales_and_zeros.to(x.dtype)).view(*lead, N)

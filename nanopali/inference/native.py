@@ -368,6 +368,57 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
     for (long n = vector_rows; n < N; n++)
         int4_rows_scalar(packed, sz, sz_bf16, N, K, G, B, xq, lane_scale, gsum, n, y);
 }
+
+/* out (K, N) bf16 = the int4 weight transposed, w[n, k] = (q - 8) s + z (same layout and scales as gemv_int4), for a
+   prefill's bf16 GEMM (x @ out): torch's int4 kernel multiplies 268 rows at a third of the bf16 GEMM's rate, and
+   unpacking with tensor ops costs more than the product. Transposed because a 64-row block's column is then 128
+   contiguous bytes of `out`. Returns 0 (nothing written) where AVX-512 BF16 is missing or blocks are not 64 rows. */
+extern "C" int dequantize_int4_t(const uint8_t *packed, const void *sz, int sz_bf16, uint16_t *out, long N, long K,
+                                 long G, long B, int threads) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (B != 64 || N % 64) return 0;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long blk = 0; blk < N / 64; blk++) {
+        const uint8_t *base = packed + blk * 64 * K / 2;
+        for (long g = 0; g < K / G; g++) {
+            __m512 s[4], z[4];
+            for (int j = 0; j < 4; j++) {
+                long i = (g * N + blk * 64 + 16 * j) * 2;
+                if (sz_bf16) {
+                    __m512i v = _mm512_loadu_si512((const uint16_t *)sz + i);
+                    s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    z[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+                } else {
+                    __m512 a = _mm512_loadu_ps((const float *)sz + i), c = _mm512_loadu_ps((const float *)sz + i + 16);
+                    s[j] = _mm512_permutex2var_ps(a, even, c);
+                    z[j] = _mm512_permutex2var_ps(a, odd, c);
+                }
+            }
+            for (long k = g * G; k < (g + 1) * G; k++) {
+                __m256i col = _mm256_loadu_si256((const __m256i *)(base + k * 32));   /* rows 0..31 low, 32..63 high */
+                __m256i q[2] = {_mm256_and_si256(col, _mm256_set1_epi8(15)),
+                                _mm256_and_si256(_mm256_srli_epi16(col, 4), _mm256_set1_epi8(15))};
+                __m512 w[4];
+                for (int j = 0; j < 4; j++) {
+                    __m128i bytes = j % 2 ? _mm256_extracti128_si256(q[j / 2], 1) : _mm256_castsi256_si128(q[j / 2]);
+                    __m512 qf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), eight);
+                    w[j] = _mm512_add_ps(_mm512_mul_ps(qf, s[j]), z[j]);
+                }
+                uint16_t *dst = out + k * N + blk * 64;
+                _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+                _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+            }
+        }
+    }
+    return 1;
+#else
+    return 0;
+#endif
+}
 """
 
 
@@ -384,18 +435,20 @@ def _cache_dir() -> Path:
 
 
 def build(source: str, name: str = "native") -> ctypes.CDLL:
-    """Compile C++ `source` for this processor (-O3 -march=native -fopenmp) once per source, compiler and processor,
+    """Compile C++ `source` for this processor (-O3 -march=native -fopenmp) once per source, flags, compiler and processor,
     into the cache, and load it; OSError or CalledProcessError if that fails."""
     compiler = _compiler()
     cpu = Path("/proc/cpuinfo").read_text().split("\nflags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
-    key = hashlib.sha256("\0".join([source, compiler, cpu, torch.__version__]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, compiler, cpu, torch.__version__, "fp-contract=off"]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{name}-{key}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         src, tmp = lib.with_suffix(".cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
         src.write_text(source)
-        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)],
-                       check=True, capture_output=True, text=True)
+        # -ffp-contract=off: a multiply and an add written apart stay apart (dequantize_int4_t rounds as torch does);
+        # the kernels' fused multiply-adds are written as such
+        subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(src),
+                        "-o", str(tmp)], check=True, capture_output=True, text=True)
         tmp.rename(lib)
     return ctypes.CDLL(str(lib))  # its libgomp.so.1 is the one torch loaded: one OpenMP thread pool
 
@@ -414,6 +467,7 @@ def _library() -> ctypes.CDLL | None:
     dll.gemv_bf16.argtypes = [p, p, p, i64, i64, i32]
     dll.gemv_w8a8.argtypes = [p, p, p, p, i64, i64, i64, p, p, i32]
     dll.gemv_int4.argtypes = [p, p, p, i32, p, i64, i64, i64, i64, p, p, p, i32]
+    dll.dequantize_int4_t.argtypes = [p, p, i32, p, i64, i64, i64, i64, i32]
     return dll
 
 
@@ -470,3 +524,17 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     lib.gemv_int4(xf.data_ptr(), packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
                   y.data_ptr(), N, K, G, block, base, base + K, base + K + 4 * (K // 4), torch.get_num_threads())
     return y
+
+
+def dequantize_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int, out: torch.Tensor) -> bool:
+    """Write the int4 weight in torch's CPU packing (as gemv_int4 takes it), transposed and in bf16, to out (K, N):
+    out[k, n] = (q - 8) · scale + zero, equal bit for bit to cpu_kernels.dequantize_int4's. False, with out untouched, where no kernel takes it: no build, no AVX-512 BF16, blocks not of 64 rows."""
+    lib = _library()
+    groups, N, _ = scales_and_zeros.shape
+    K = packed.numel() * 2 // N
+    if lib is None or out.dtype != torch.bfloat16 or out.shape != (K, N) or not out.is_contiguous():
+        return False
+    sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
+    sz = sz.contiguous()
+    return bool(lib.dequantize_int4_t(packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
+                                      out.data_ptr(), N, K, K // groups, block, torch.get_num_threads()))
