@@ -108,8 +108,8 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
 def widen_is_faster(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies `dtype` matrices slower than it widens the weight to fp32 and runs the fp32 GEMM.
     Where the processor has no bf16 arithmetic (AVX2 without AVX-512 BF16 or AMX) torch's bf16 GEMM is emulated: 21
-    GFLOP/s against fp32's 130 on a 2-core Zen (BENCHMARKS.md); with AVX-512 BF16 it is the faster one. Timed once
-    per process and dtype on a 64 x 1024 x 1024 product, best of 3 each; widening must win by 1.5x."""
+    GFLOP/s against fp32's 130 on a 2-core AVX2-only EPYC (BENCHMARKS.md); with AVX-512 BF16 it is the faster one.
+    Timed once per process and dtype on a 64 x 1024 x 1024 product, best of 3 each; widening must win by 1.5x."""
     x, w, wide = torch.randn(64, 1024).to(dtype), torch.randn(1024, 1024).to(dtype), torch.empty(1024, 1024)
 
     def best(fn) -> float:
