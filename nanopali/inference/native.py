@@ -1,7 +1,9 @@
-"""Hand-written one-row products for decoding on the CPU, compiled for this processor at first use.
+"""Hand-written one-row products for decoding on the CPU (and an int4 unpacking for prefill), compiled for this
+processor at first use.
 
     y = native.gemv(x, weight, scale=None)   # x (1, K) @ weight (N, K)ᵀ [· scale (N,)] -> fp32 (1, N), or None
     y = native.gemv_int4(x, packed, scales_and_zeros, block)   # x (1, K) @ torch's packed int4 weight -> fp32 (1, N)
+    ok = native.dequantize_int4_t(packed, scales_and_zeros, block, out)   # that weight, transposed, bf16 -> out (K, N)
 
 A decode step reads every weight once for one row of activations, so it runs at the speed weights stream
 from memory. Three products are written here, in C++ with the processor's vector instructions, as llama.cpp
@@ -35,6 +37,9 @@ from pathlib import Path
 import torch
 
 BLOCK = 32  # activations per int8 scale (llama.cpp's q8_0 block)
+# -ffp-contract=off: a multiply and an add written apart stay apart (dequantize_int4_t rounds as torch does); the
+# kernels' fused multiply-adds are written as such
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 SOURCE = r"""
 #include <stdint.h>
@@ -247,7 +252,8 @@ static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf1
     for (long g = 0; g < K / G; g++) {
         __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (long b = g * G; b < (g + 1) * G; b += 32) {
-            __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            __m256i d[4];
+            for (int j = 0; j < 4; j++) d[j] = _mm256_setzero_si256();
             for (long h = b; h < b + 32; h += 16) {
                 __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                 for (long k = h; k < h + 16; k += 2) {
@@ -278,25 +284,40 @@ static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf1
 }
 #endif
 
+#if defined(__AVX512F__)
+/* The scales and zeros of 16 consecutive rows, from their interleaved (s, z) pairs at sz + i (fp32 or bf16): each
+   pair is a 32-bit lane (bf16) split by a shift and a mask, or two vectors of pairs split by two permutes (fp32). */
+static inline void sz16(const void *sz, int sz_bf16, long i, __m512 *s, __m512 *z) {
+    if (sz_bf16) {
+        __m512i v = _mm512_loadu_si512((const uint16_t *)sz + i);
+        *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        *z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+    } else {
+        __m512 a = _mm512_loadu_ps((const float *)sz + i), c = _mm512_loadu_ps((const float *)sz + i + 16);
+        *s = _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), c);
+        *z = _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), c);
+    }
+}
+#endif
+
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 /* A whole block of B = 64 rows (torch's packing where AVX-512 is): columns k and k+1 are 64 contiguous bytes, one
    load; `vpermb` interleaves them byte by byte so that each 16-bit lane holds one row's pair of nibbles (rows 0..31 in
    the low nibbles, 32..63 in the high ones), and `vpmaddubsw` with the pair (x[k], x[k+1]) gives q[k] x[k] +
-   q[k+1] x[k+1], as int4_unit does with half the width. The scales and zeros of the 64 rows are applied as vectors:
-   (s, z) pairs are 32-bit lanes, split by a shift and a mask (bf16) or two permutes (fp32). */
+   q[k+1] x[k+1], as int4_unit does with half the width. The scales and zeros of the 64 rows are applied as vectors
+   (sz16). */
 static void int4_block64(const uint8_t *base, const void *sz, int sz_bf16, long N, long K, long G, const int8_t *xq,
                          const float *lane_scale, const float *gsum, long r0, float *y) {
     static const uint8_t order[64] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
         11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56,
         25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-    const __m512i m4 = _mm512_set1_epi8(15), pairs = _mm512_loadu_si512(order), hi16 = _mm512_set1_epi32((int)0xFFFF0000);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i m4 = _mm512_set1_epi8(15), pairs = _mm512_loadu_si512(order);
     __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (long g = 0; g < K / G; g++) {
         __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (long b = g * G; b < (g + 1) * G; b += 32) {
-            __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            __m512i d[4];
+            for (int j = 0; j < 4; j++) d[j] = _mm512_setzero_si512();
             for (long h = b; h < b + 32; h += 16) {
                 __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
                 for (long k = h; k < h + 16; k += 2) {
@@ -315,17 +336,8 @@ static void int4_block64(const uint8_t *base, const void *sz, int sz_bf16, long 
         }
         __m512 gs = _mm512_set1_ps(gsum[g]), eight = _mm512_set1_ps(8.0f);
         for (int j = 0; j < 4; j++) {
-            long i = (g * N + r0 + 16 * j) * 2;  /* the (s, z) pairs of rows r0 + 16 j .. + 15 */
             __m512 s, z;
-            if (sz_bf16) {
-                __m512i v = _mm512_loadu_si512((const uint16_t *)sz + i);
-                s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
-            } else {
-                __m512 a = _mm512_loadu_ps((const float *)sz + i), c = _mm512_loadu_ps((const float *)sz + i + 16);
-                s = _mm512_permutex2var_ps(a, even, c);
-                z = _mm512_permutex2var_ps(a, odd, c);
-            }
+            sz16(sz, sz_bf16, (g * N + r0 + 16 * j) * 2, &s, &z);  /* rows r0 + 16 j .. + 15 */
             total[j] = _mm512_fmadd_ps(f[j], s, _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, s, z), gs, total[j]));
         }
     }
@@ -377,27 +389,13 @@ extern "C" int dequantize_int4_t(const uint8_t *packed, const void *sz, int sz_b
                                  long G, long B, int threads) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
     if (B != 64 || N % 64) return 0;
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000);
     const __m512 eight = _mm512_set1_ps(8.0f);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long blk = 0; blk < N / 64; blk++) {
         const uint8_t *base = packed + blk * 64 * K / 2;
         for (long g = 0; g < K / G; g++) {
             __m512 s[4], z[4];
-            for (int j = 0; j < 4; j++) {
-                long i = (g * N + blk * 64 + 16 * j) * 2;
-                if (sz_bf16) {
-                    __m512i v = _mm512_loadu_si512((const uint16_t *)sz + i);
-                    s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                    z[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
-                } else {
-                    __m512 a = _mm512_loadu_ps((const float *)sz + i), c = _mm512_loadu_ps((const float *)sz + i + 16);
-                    s[j] = _mm512_permutex2var_ps(a, even, c);
-                    z[j] = _mm512_permutex2var_ps(a, odd, c);
-                }
-            }
+            for (int j = 0; j < 4; j++) sz16(sz, sz_bf16, (g * N + blk * 64 + 16 * j) * 2, &s[j], &z[j]);
             for (long k = g * G; k < (g + 1) * G; k++) {
                 __m256i col = _mm256_loadu_si256((const __m256i *)(base + k * 32));   /* rows 0..31 low, 32..63 high */
                 __m256i q[2] = {_mm256_and_si256(col, _mm256_set1_epi8(15)),
@@ -435,20 +433,17 @@ def _cache_dir() -> Path:
 
 
 def build(source: str, name: str = "native") -> ctypes.CDLL:
-    """Compile C++ `source` for this processor (-O3 -march=native -fopenmp) once per source, flags, compiler and processor,
-    into the cache, and load it; OSError or CalledProcessError if that fails."""
+    """Compile C++ `source` for this processor (FLAGS) once per source, flags, compiler and processor, into the cache,
+    and load it; OSError or CalledProcessError if that fails."""
     compiler = _compiler()
     cpu = Path("/proc/cpuinfo").read_text().split("\nflags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
-    key = hashlib.sha256("\0".join([source, compiler, cpu, torch.__version__, "fp-contract=off"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, compiler, cpu, torch.__version__, *FLAGS]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{name}-{key}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         src, tmp = lib.with_suffix(".cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
         src.write_text(source)
-        # -ffp-contract=off: a multiply and an add written apart stay apart (dequantize_int4_t rounds as torch does);
-        # the kernels' fused multiply-adds are written as such
-        subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(src),
-                        "-o", str(tmp)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
         tmp.rename(lib)
     return ctypes.CDLL(str(lib))  # its libgomp.so.1 is the one torch loaded: one OpenMP thread pool
 
@@ -511,15 +506,11 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     cpu_kernels.int4_block()) with its (K / G, N, 2) scales and zeros -> fp32 (1, N); None when no kernel takes it
     (no build, more than one row, K or G not a multiple of 32)."""
     lib = _library()
-    groups, N, _ = scales_and_zeros.shape
-    K = packed.numel() * 2 // N
-    G = K // groups
+    N, K, G, sz = _int4_shapes(packed, scales_and_zeros)
     if lib is None or x.numel() != K or K % BLOCK or G % BLOCK or block % 32 or packed.device.type != "cpu":
         return None
-    sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
-    sz, xf = sz.contiguous(), x.float().contiguous()
-    y = torch.empty(1, N, dtype=torch.float32)
-    scratch = torch.empty(K + 4 * (K // 4) + 4 * groups, dtype=torch.uint8)  # int8 x, its lane scales, group sums of x
+    xf, y = x.float().contiguous(), torch.empty(1, N, dtype=torch.float32)
+    scratch = torch.empty(K + 4 * (K // 4) + 4 * (K // G), dtype=torch.uint8)  # int8 x, its lane scales, group sums
     base = scratch.data_ptr()
     lib.gemv_int4(xf.data_ptr(), packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
                   y.data_ptr(), N, K, G, block, base, base + K, base + K + 4 * (K // 4), torch.get_num_threads())
@@ -528,13 +519,20 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
 
 def dequantize_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int, out: torch.Tensor) -> bool:
     """Write the int4 weight in torch's CPU packing (as gemv_int4 takes it), transposed and in bf16, to out (K, N):
-    out[k, n] = (q - 8) · scale + zero, equal bit for bit to cpu_kernels.dequantize_int4's. False, with out untouched, where no kernel takes it: no build, no AVX-512 BF16, blocks not of 64 rows."""
+    out[k, n] = (q - 8) · scale + zero, equal bit for bit to cpu_kernels.dequantize_int4's. False, with out untouched,
+    where no kernel takes it: no build, no AVX-512 BF16, blocks not of 64 rows."""
     lib = _library()
-    groups, N, _ = scales_and_zeros.shape
-    K = packed.numel() * 2 // N
+    N, K, G, sz = _int4_shapes(packed, scales_and_zeros)
     if lib is None or out.dtype != torch.bfloat16 or out.shape != (K, N) or not out.is_contiguous():
         return False
-    sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
-    sz = sz.contiguous()
     return bool(lib.dequantize_int4_t(packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
-                                      out.data_ptr(), N, K, K // groups, block, torch.get_num_threads()))
+                                      out.data_ptr(), N, K, G, block, torch.get_num_threads()))
+
+
+def _int4_shapes(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
+    """N, K and the group size G of a packed int4 weight, and its scales and zeros as the kernels read them
+    (contiguous, fp32 or bf16)."""
+    groups, N, _ = scales_and_zeros.shape
+    K = packed.numel() * 2 // N
+    sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
+    return N, K, K // groups, sz.contiguous()
