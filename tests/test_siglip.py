@@ -149,12 +149,51 @@ def test_bad_inputs_are_named(pair):
 def test_init_weights_starts_where_the_paper_does():
     config = SigLIPConfig.from_hf_dict({"model_type": "siglip", "text_config": dict(CONFIGS["proj"][0]),
                                         "vision_config": dict(CONFIGS["proj"][1])})
+    torch.manual_seed(0)
     model = SigLIP(config).init_weights()
     assert model.logit_scale.item() == pytest.approx(SIGLIP_INIT[0]) and model.logit_bias.item() == -10.0
     assert model.logit_scale.exp().item() == pytest.approx(10.0)
-    for n in (4, 16):  # ~10 (the positives' -log σ(-10)) whatever B; zeros would start at ~0.69 * B
+    for n in (4, 16, 64):  # ~10 (the positives' -log σ(-10 + 10 cos)) whatever B; zeros would start at ~0.69 * B
         batch = inputs("proj", n_images=n, n_texts=n)
-        assert 9.0 < model(**batch, return_loss=True).loss.item() < 11.0
+        assert 8.0 < model(**batch, return_loss=True).loss.item() < 12.5
+
+
+def test_init_weights_draws_every_tensor_as_big_vision_does():
+    """Each tensor's from-scratch distribution (mean, std, largest magnitude) equals transformers' SiglipModel init,
+    which copies big_vision's initializers, except (1) the temperature and bias, which start where the paper's do,
+    and (2) the LeCun-normal weights (the Linears outside attention and MLPs, the patch Conv): flax draws those
+    from N(0, 1/fan_in) truncated at 2 sigma, while transformers passes torch's trunc_normal_ absolute bounds (+-2)
+    and so draws an untruncated normal 1/0.88 wider; ours are checked against flax's definition."""
+    text = dict(vocab_size=500, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=32, projection_size=64, pad_token_id=1, bos_token_id=None, eos_token_id=1)
+    vision = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    from transformers import SiglipConfig as HFConfig
+
+    torch.manual_seed(0)
+    ref = SiglipModel(HFConfig(text_config=text, vision_config=vision)).state_dict()
+    torch.manual_seed(1)
+    ours = SigLIP(SigLIPConfig.from_hf_dict({"model_type": "siglip", "text_config": text,
+                                             "vision_config": vision})).init_weights().state_dict()
+    assert set(ours) == set(ref)
+    lecun = ("text_model.head.weight", "vision_model.embeddings.patch_embedding.weight",
+             "vision_model.head.attention.out_proj.weight")
+    for name, r in ref.items():
+        o = ours[name]
+        if name in ("logit_scale", "logit_bias") or not r.is_floating_point():
+            continue
+        if name in lecun:
+            std = o[0].numel() ** -0.5
+            assert o.std().item() == pytest.approx(std, rel=0.05), name
+            assert o.abs().max().item() <= 2 * std / 0.87962566103423978, name
+            continue
+        if r.std() < 1e-4:  # biases and LayerNorms: constants (transformers draws the MLP biases from N(0, 1e-6))
+            assert torch.allclose(o, r, atol=1e-4), name
+            continue
+        small = r.numel() < 500  # the pooling probe: 64 draws
+        assert o.std().item() == pytest.approx(r.std().item(), rel=0.3 if small else 0.1), name
+        assert abs(o.mean().item() - r.mean().item()) < (0.3 if small else 0.1) * r.std().item(), name
+        assert o.abs().max().item() == pytest.approx(r.abs().max().item(), rel=0.5 if small else 0.25), name
 
 
 # The published sizes (the config.json of google/siglip-base-patch16-224 and google/siglip-so400m-patch14-384;

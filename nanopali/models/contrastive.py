@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
 from nanopali.io import hf_checkpoint
-from nanopali.models.siglip import AttentionPoolingHead, SiglipTextModel, SiglipVisionModel
+from nanopali.models.siglip import AttentionPoolingHead, SiglipAttention, SiglipTextModel, SiglipVisionModel
 from nanopali.nn.contrastive import CLIP_INIT, SIGLIP_INIT, clip_loss, contrastive_logits, siglip_loss
+from nanopali.nn.mlp import GeluMLP
 from nanopali.siglip_config import SigLIPConfig
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """LeCun normal as flax has it: N(0, 1/fan_in) truncated at 2 sigma, rescaled to keep that variance."""
+    std = weight[0].numel() ** -0.5 / 0.87962566103423978  # the std of N(0, 1) truncated to [-2, 2]
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 @dataclass
@@ -47,21 +54,34 @@ class SigLIP(nn.Module):
         self.logit_bias = nn.Parameter(torch.zeros(1))
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> "SigLIP":
-        """From-scratch initialisation: weights ~ N(0, std), biases 0, LayerNorms identity, the pooling probe
-        N(0, std); the temperature and bias as the objective's paper starts them (nn/contrastive.py)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                m.weight.normal_(0.0, std)
+    def init_weights(self) -> "SigLIP":
+        """From-scratch initialisation as big_vision (and transformers' SiglipModel) start SigLIP: embeddings
+        N(0, 1/width), attention and MLP weights Xavier-uniform, other Linears and the patch Conv LeCun-normal,
+        biases 0, LayerNorms identity; the temperature and bias as the objective's paper starts them
+        (nn/contrastive.py). The scales matter: with GPT-2's N(0, 0.02) everywhere a text's pooled last position
+        is 99.8 % its own (pad + position) embedding, and a small text tower trained on the toy world learnt to
+        read the text's length but never its words."""
+        for m in self.modules():  # first every weight by its kind, then the layers that use other scales
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                lecun_normal_(m.weight)
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, m.embedding_dim ** -0.5)
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
-            elif isinstance(m, nn.MultiheadAttention):
-                m.in_proj_weight.normal_(0.0, std)
-                m.in_proj_bias.zero_()
-            elif isinstance(m, AttentionPoolingHead):
-                m.probe.normal_(0.0, std)
             if isinstance(getattr(m, "bias", None), torch.Tensor):
                 m.bias.zero_()
+        for m in self.modules():
+            if isinstance(m, SiglipAttention):
+                xavier = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight]
+            elif isinstance(m, GeluMLP):
+                xavier = [m.fc1.weight, m.fc2.weight]
+            elif isinstance(m, AttentionPoolingHead):
+                xavier = [m.probe, m.attention.in_proj_weight]
+                m.attention.in_proj_bias.zero_()
+            else:
+                continue
+            for w in xavier:
+                nn.init.xavier_uniform_(w)
         scale, bias = SIGLIP_INIT if self.config.objective == "siglip" else CLIP_INIT
         self.logit_scale.fill_(scale)
         self.logit_bias.fill_(bias)
