@@ -206,11 +206,11 @@ with a word. On photos its answers are meaningless.
 - {N_SCENES} scenes of seed {SEEDS['train']}, each paired with three texts: its caption ("a red circle above a blue
   square"), its count ("two shapes") and one object's label ("a blue square") (world/siglip.py).
 - LiT ("locked-image tuning"): the vision tower is the shipped default PaliGemma's, trained on the same world, and
-  stays fixed; its new pooling head, the text tower (from scratch), the temperature and the bias learn with
+  stays fixed; its new pooling head, the text tower (from scratch, initialised as big_vision initialises SigLIP:
+  `SigLIP.init_weights`), the temperature and the bias learn with
   nanopali's trainer (`--objective siglip --recipe freeze-vision-encoder`): {LIT}, from the paper's initial
   temperature and bias (t' = log 10, b = -10), on a 2-core CPU ({hours:.1f} h). Checkpoint: {source.name}.
-  Training a SigLIP of the same size from scratch costs several times the compute per step (the locked tower needs
-  no backward) and many more steps.
+  The locked tower needs no backward pass, so a LiT step costs a fraction of a from-scratch step.
 - Reproduce: `python scripts/make_default_siglip.py --work runs/siglip`.
 
 ## Held-out scores (1000 scenes of each seed; training used seed 2)
