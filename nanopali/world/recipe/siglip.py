@@ -14,6 +14,7 @@ from the paper's initial temperature and bias. Held-out scores: world/siglip.py 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -245,34 +246,50 @@ COMPARE = dict(batch_sizes=(32, 128, 512), examples=12_288, lr=1e-3, seeds=(2, 3
 
 
 def compare(work: Path, objectives: Sequence[str] = ("siglip", "clip")) -> dict:
-    """Train and score every (objective, batch size, seed): each run's scores in
+    """Train and score every (objective, batch size, seed), and the sigmoid runs of seed 2 at batch 32 and 128 once
+    more from b = -log(B - 1) instead of the paper's -10 (`siglip_logb`): each run's scores in
     WORK/compare-<objective>-<batch>-seed<seed>/score.json (resumable; objectives can run in separate processes), all
     of them in WORK/compare.json."""
-    from nanopali.world.siglip import evaluate_world_contrastive
-    from nanopali.zero_shot import Contrastive
-
     for objective in objectives:
         init = lit_init(work / f"compare-init-{objective}", objective, MINI_TEXT)
         for seed, batch in ((seed, batch) for seed in COMPARE["seeds"] for batch in COMPARE["batch_sizes"]):
-            run = work / f"compare-{objective}-{batch}-seed{seed}"
-            if (run / "score.json").is_file():
-                continue
-            steps = COMPARE["examples"] // batch
-            config = TrainConfig(model=str(init), out=str(run), resume=True, objective=objective,
-                                 recipe="freeze-vision-encoder", steps=steps, batch_size=batch, lr=COMPARE["lr"],
-                                 lr_scale=LIT["lr_scale"], warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
-                                 weight_decay=1e-4, log_every=max(1, steps // 100), save_every=max(1, steps // 8),
-                                 keep_checkpoints=1, seed=seed)
-            start = time.perf_counter()
-            final = fit(config, train_data=WorldPairs(stage_data(work)))
-            seconds = time.perf_counter() - start
-            clip = Contrastive(SigLIP.from_pretrained(final).eval(), SigLIPProcessor.from_pretrained(final))
-            scores = {"steps": steps, "seconds": seconds, **evaluate_world_contrastive(clip, 1000, seed=3)}
-            (run / "score.json").write_text(json.dumps(scores, indent=2))
+            _compare_run(work, init, objective, objective, batch, seed)
+    if "siglip" in objectives:
+        for batch in COMPARE["batch_sizes"][:2]:
+            init = work / f"compare-init-siglip_logb-{batch}"
+            if not (init / "config.json").is_file():
+                model = SigLIP.from_pretrained(lit_init(work / "compare-init-siglip", "siglip", MINI_TEXT))
+                with torch.no_grad():
+                    model.logit_bias.fill_(-math.log(batch - 1))
+                model.save_pretrained(init)
+                processor().save_pretrained(init)
+            _compare_run(work, init, "siglip_logb", "siglip", batch, COMPARE["seeds"][0])
     results = {run.name.removeprefix("compare-"): json.loads((run / "score.json").read_text())
                for run in sorted(work.glob("compare-*-seed*")) if (run / "score.json").is_file()}
     (work / "compare.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _compare_run(work: Path, init: Path, name: str, objective: str, batch: int, seed: int) -> None:
+    """One comparison run from `init` (skipped when scored): COMPARE's pairs at `batch`, scored on seed 3."""
+    from nanopali.world.siglip import evaluate_world_contrastive
+    from nanopali.zero_shot import Contrastive
+
+    run = work / f"compare-{name}-{batch}-seed{seed}"
+    if (run / "score.json").is_file():
+        return
+    steps = COMPARE["examples"] // batch
+    config = TrainConfig(model=str(init), out=str(run), resume=True, objective=objective,
+                         recipe="freeze-vision-encoder", steps=steps, batch_size=batch, lr=COMPARE["lr"],
+                         lr_scale=LIT["lr_scale"], warmup_steps=max(1, steps // 10), min_lr_ratio=0.05,
+                         weight_decay=1e-4, log_every=max(1, steps // 100), save_every=max(1, steps // 8),
+                         keep_checkpoints=1, seed=seed)
+    start = time.perf_counter()
+    final = fit(config, train_data=WorldPairs(stage_data(work)))
+    seconds = time.perf_counter() - start
+    clip = Contrastive(SigLIP.from_pretrained(final).eval(), SigLIPProcessor.from_pretrained(final))
+    scores = {"steps": steps, "seconds": seconds, **evaluate_world_contrastive(clip, 1000, seed=3)}
+    (run / "score.json").write_text(json.dumps(scores, indent=2))
 
 
 STAGES.update(scratch=stage_scratch, compare=compare)
