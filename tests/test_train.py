@@ -96,19 +96,24 @@ def assert_same_training(a: dict, b: dict, atol: float = 1e-5, outlier_atol: flo
     """Weights after a few AdamW steps on the same global batch, summed in a different order.
 
     Attention key biases get exactly zero gradient (softmax ignores a constant shift), so Adam
-    turns rounding noise into +-lr steps there: they are skipped. Elsewhere Adam can amplify a
-    near-zero gradient's rounding, hence 1e-5 and not 1e-7, and for a rare element more: on an
-    Intel Xeon (AMX, another summation order than the AMD machine) one weight of 6144 ended 2.3e-5
-    apart. So at most `outlier_share` of a tensor may differ by more than atol, and nothing by more
+    turns rounding noise into +-lr steps there: they are skipped (in_proj_bias's middle third too).
+    Elsewhere Adam can amplify a near-zero gradient's rounding, hence 1e-5 and not 1e-7, and for a rare
+    element more: on an Intel Xeon (AMX, another summation order than the AMD machine) one weight of 6144
+    ended 2.3e-5 apart. So at most `outlier_share` of a tensor's elements (one, in a tensor of fewer than
+    1/outlier_share: one of a SigLIP text MLP's 48 biases did) may differ by more than atol, and nothing by more
     than outlier_atol, still far below what a wrong gradient does in these runs (lr 3e-3 per step).
     """
     for k in a:
         if k.endswith("k_proj.bias"):
             continue
         diff = (a[k].float() - b[k].float()).abs()
+        if k.endswith("in_proj_bias"):  # nn.MultiheadAttention's (q, k, v) biases: leave out the key's third
+            third = diff.numel() // 3
+            diff = torch.cat([diff[:third], diff[2 * third:]])
         assert diff.max() <= outlier_atol, f"{k}: differs by up to {diff.max():.2e}"
-        share = (diff > atol).float().mean().item()
-        assert share <= outlier_share, f"{k}: {share:.2%} of the elements differ by more than {atol}"
+        outliers = int((diff > atol).sum())
+        assert outliers <= max(1, outlier_share * diff.numel()), \
+            f"{k}: {outliers} of {diff.numel()} elements differ by more than {atol} (up to {diff.max():.2e})"
 
 
 def test_gradient_accumulation_equals_one_big_batch(base, data, tmp_path):
