@@ -14,8 +14,8 @@ killed run continues):
                 background patches weighed down
     train       the whole model with nanopali's trainer (nanopali/train/loop.py fit), checkpointed, resumable;
                 with --vision-from SIGLIP_DIR its vision tower starts from a contrastive SigLIP's (made by
-                scripts/make_default_siglip.py --stage scratch) instead of the warm-up's (not yet
-                compared: BENCHMARKS.md says why)
+                scripts/make_default_siglip.py --stage scratch) instead of the warm-up's (compared in
+                miniature by scripts/compare_warm_start.py: behind the warm-up, BENCHMARKS.md)
     more        further, lower cosine cycles of the trainer (nanopali/world/recipe/cycles.py), each from the last
                 one's weights (WORK/run2, ...); the reading cycles with the per-patch labels as an auxiliary loss;
                 `--start DIR` continues after a checkpoint copied from another machine
