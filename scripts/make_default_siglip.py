@@ -12,8 +12,8 @@ Stages (nanopali/world/recipe/siglip.py; each writes under --work and is skipped
              (world/siglip.py; WORK/metrics.json), with its model card
     scratch  (only when named) the same SigLIP trained from scratch (WORK/run), for make_default_model.py --vision-from
     compare  (only when named) sigmoid vs softmax in miniature: LiT with a 2-layer text tower, both objectives at
-             batch 32, 128 and 512 on the same pairs in two orders, scored on seed 3 (WORK/compare.json; the
-             table in BENCHMARKS.md)
+             batch 32, 128 and 512 on the same pairs in two orders, and the sigmoid loss at 32 and 128 from
+             b = -log(B - 1), scored on seed 3 (WORK/compare.json; the table in BENCHMARKS.md)
 """
 
 from __future__ import annotations
