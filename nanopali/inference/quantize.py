@@ -7,7 +7,9 @@ tied output head, get int8 weights with one fp32 scale per output channel (per v
 embedding): scale = max|w| / 127, w ≈ round(w / scale) · scale. Activations stay in the model dtype.
 int4: the same linear layers group-wise, as gpt-fast does: each run of G (128) weights along the input
 gets its own scale and zero, w ≈ (q - 8) · scale + zero, q in 0..15, packed two per byte as torch's
-`_weight_int4pack_mm_for_cpu` wants; the embedding stays int8, and a layer the kernel cannot take stays int8.
+`_weight_int4pack_mm_for_cpu` wants; a layer the kernel cannot take stays int8. The embedding keeps its int8 rows
+for lookups, and the head reads an int4 copy of them, whose best 64 logits a row are recomputed from the int8 rows
+(Int8Embedding: greedy tokens are the int8 head's, for 47 % fewer bytes a step on the 3B).
 A mixture-of-experts layer's experts are quantized the same way, each expert matrix on its own (int8 per
 row; int4 per group, packed expert by expert), into a cpu_kernels.FastExperts; its router (`gate`) stays in
 float, since a rounded router picks other experts. The products run through cpu_kernels.CpuKernels. The SigLIP
@@ -35,6 +37,7 @@ from nanopali.nn.moe import Experts, SparseMoE
 MODES = ("int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel takes
 CHUNK = 1 << 22  # weights quantized at a time: 16 MB of fp32 temporaries each
+RESCORED = 64    # logits per row that an int4 head recomputes from the int8 rows (Int8Embedding)
 EXPERT_SCALES = {"gate_up_proj": "gate_up_scale", "down_proj": "down_scale"}  # FastExperts' quantized buffers
 
 
@@ -81,25 +84,32 @@ def quantize_groups(weight: torch.Tensor | Rows, group: int, chunk: int = CHUNK)
     return q, scales_and_zeros
 
 
-def quantize_int4(weight: torch.Tensor | Rows, group: int, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor | Rows, group: int, chunk: int = CHUNK,
+                  rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) float -> (uint8 (N, K / 2) packed as torch's CPU int4 kernel wants, fp32 scales and zeros
     (K / group, N, 2)): quantize_groups and torch's packing, a few blocks of rows at a time. The packing lays out
     blocks of int4_block() rows one after the other (the last N % block rows at the end), so packing whole blocks
-    separately gives the bytes of packing the matrix at once, without its int32 (N, K) codes."""
+    separately gives the bytes of packing the matrix at once, without its int32 (N, K) codes.
+    `rows` (N < rows < N + 16): zero rows (q 0, scale and zero 0) appended up to that many, as the kernel wants a
+    multiple of 16 (Int8Embedding's int4 head)."""
     N, K = weight.shape
+    P = N if rows is None else rows
+    if not N <= P < N + 16:
+        raise ValueError(f"{P} rows cannot pad a weight of {N} rows (at most 15 zero rows are appended)")
     check_int4_layout()
-    rows = max(1, chunk // K // int4_block()) * int4_block()
-    if N - rows < int4_block():
-        rows = N
-    packed = torch.empty(N * K // 2, dtype=torch.uint8)
-    scales_and_zeros = torch.empty(K // group, N, 2, dtype=torch.float32)
-    for start in range(0, N, rows):
-        stop = N if N - start < rows + int4_block() else start + rows  # the tail goes with the last whole blocks
-        q, scales_and_zeros[:, start:stop] = quantize_groups(weight[start:stop], group)
+    step = max(1, chunk // K // int4_block()) * int4_block()
+    if P - step < int4_block():
+        step = P
+    packed = torch.empty(P * K // 2, dtype=torch.uint8)
+    scales_and_zeros = torch.zeros(K // group, P, 2, dtype=torch.float32)
+    for start in range(0, P, step):
+        stop = P if P - start < step + int4_block() else start + step  # the tail goes with the last whole blocks
+        q, scales_and_zeros[:, start:min(stop, N)] = quantize_groups(weight[start:min(stop, N)], group)
+        q = F.pad(q, (0, 0, 0, stop - start - q.shape[0]))                  # the zero rows, if any
         packed[start * K // 2:stop * K // 2] = torch._convert_weight_to_int4pack_for_cpu(q, 2).view(-1)
-        if stop == N:
+        if stop == P:
             break
-    return packed.view(N, K // 2), scales_and_zeros
+    return packed.view(P, K // 2), scales_and_zeros
 
 
 @functools.cache
@@ -159,18 +169,37 @@ class Int4Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """The token embedding / tied output head with int8 rows (V, D) and one scale per row (V,)."""
+    """The token embedding / tied output head with int8 rows (V, D) and one scale per row (V,).
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, kernels: CpuKernels = PLAIN):
+    With an int4 head (`quantize="int4"`, `group` given): also the rows in int4 (`head_weight`, `head_scales_and_zeros`,
+    padded with zero rows to a multiple of 16), which the head reads instead of the int8 rows, a decode step's largest
+    read (the 3B: 280 MB against 527). The RESCORED best logits of each row are then recomputed from the int8 rows,
+    in fp32: the argmax, and so greedy decoding, is the int8 head's unless the int4 error moved the int8 winner out of
+    the int4 head's top RESCORED; the other logits keep the int4 head's error. Lookups read the int8 rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, kernels: CpuKernels = PLAIN,
+                 head: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.kernels = kernels
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.dtype = dtype  # the dtype looked-up rows come back in
+        if head is not None:
+            self.register_buffer("head_weight", head[0])             # uint8 (V', D / 2), V' = V rounded up to 16
+            self.register_buffer("head_scales_and_zeros", head[1])   # (D / G, V', 2) in the model's dtype
+        else:
+            self.head_weight = None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor | Rows, dtype: torch.dtype, kernels: CpuKernels = PLAIN) -> "Int8Embedding":
-        return cls(*quantize_rows(weight), dtype, kernels)
+    def quantize(cls, weight: torch.Tensor | Rows, dtype: torch.dtype, kernels: CpuKernels = PLAIN,
+                 group: int | None = None) -> "Int8Embedding":
+        """int8 rows; with `group`, also the int4 head with groups of that many weights (scales in `dtype`)."""
+        head = None
+        if group is not None:
+            packed, scales_and_zeros = quantize_int4(weight, group, rows=head_rows(weight.shape[0]))
+            head = packed, scales_and_zeros.to(dtype)
+        return cls(*quantize_rows(weight), dtype, kernels, head)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> rows (B, T, D) in the original dtype."""
@@ -178,7 +207,19 @@ class Int8Embedding(nn.Module):
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V)."""
-        return self.kernels.linear(h, self.weight, self.scale)
+        if self.head_weight is None:
+            return self.kernels.linear(h, self.weight, self.scale)
+        V = self.weight.shape[0]
+        logits = self.kernels.linear_int4(h, self.head_weight, self.head_scales_and_zeros)[..., :V]
+        best = logits.topk(min(RESCORED, V), dim=-1).indices                                  # (..., k)
+        rows = F.embedding(best, self.weight).float() * self.scale[best][..., None]           # (..., k, D)
+        exact = (rows @ h.float()[..., None]).squeeze(-1)                                     # (..., k)
+        return logits.scatter(-1, best, exact.to(logits.dtype))
+
+
+def head_rows(vocab: int) -> int:
+    """The int4 head's rows: the vocabulary rounded up to the 16 rows torch's int4 packing wants."""
+    return -(-vocab // 16) * 16
 
 
 def quantize_expert_weight(weight: torch.Tensor | Rows, mode: str, group_size: int,
@@ -211,7 +252,8 @@ def quantized_module(weight: torch.Tensor | Rows, embedding: bool, mode: str, gr
     """The quantized form of one decoder weight: the embedding int8 per row; a linear layer int8, or for int4 group-wise
     int4 where the kernel takes its shape (int8 otherwise)."""
     if embedding:
-        return Int8Embedding.quantize(weight, dtype, kernels)
+        group = int4_group(head_rows(weight.shape[0]), weight.shape[1], group_size) if mode == "int4" else None
+        return Int8Embedding.quantize(weight, dtype, kernels, group)
     group = int4_group(*weight.shape, preferred=group_size) if mode == "int4" else None
     return Int8Linear.quantize(weight, kernels) if group is None else Int4Linear.quantize(weight, group, dtype, kernels)
 
