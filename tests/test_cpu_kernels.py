@@ -274,9 +274,11 @@ def decode_logits(model, inputs, steps=4, runtime=None):
 def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
     model, cfg = bf16_model
     inputs = {k: v for k, v in batch(cfg).items()}
-    calls = []
+    calls, step_ops = [], []
     one_row = CpuKernels._one_row
     monkeypatch.setattr(CpuKernels, "_one_row", lambda self, x, w, s=None: calls.append(tuple(w.shape)) or one_row(self, x, w, s))
+    for name in ("attend_one_row", "rms_norm", "geglu"):  # a large model's step ops (measure=True below)
+        monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), n=name: step_ops.append(n) or f(*a))
     inputs = {k: v[:1] for k, v in inputs.items()}  # one row: the measured path is for batch 1
     kernels = CpuKernels(measure=True, force=path)  # measure: a tiny model would not time its steps
     fast_model = install(copy.deepcopy(model), kernels)
@@ -285,6 +287,7 @@ def test_fast_decode_equals_plain_decode(bf16_model, monkeypatch, path):
         assert not calls, "the one-row path ran in a model without the kernels"
         quick = decode_logits(fast_model, inputs, runtime=Runtime(kernels))
     assert calls, "the decode step never took the one-row path"
+    assert {"attend_one_row", "rms_norm", "geglu"} <= set(step_ops), set(step_ops)
     times = kernels.chooser.times
     assert ([len(t) for t in times.values()] == [2, 1, 1]) if path is None else times is None, times  # 4 steps timed
     assert (cfg.text_config.vocab_size, cfg.text_config.hidden_size) in calls, "the tied output head took F.linear"
@@ -342,6 +345,36 @@ def test_fused_elementwise_ops_equal_the_eager_ones(dtype):
     gate.requires_grad_(True)
     kernels.gelu(gate, up).float().sum().backward()
     assert gate.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_native_step_ops_equal_their_definitions(dtype, softcap):
+    """native.py's one-pass kernels for a decode step's small tensors: attention of one query row per head (8 heads
+    grouped onto 2 kv heads, slots masked per row, Gemma 2's soft-cap), RMSNorm and GeGLU, against their definitions
+    computed in fp64 from the same inputs, rounded once; a row that may attend to nothing is left to the explicit
+    path (None)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 8, 1, 64), (2, 2, 40, 64), (2, 2, 40, 64)))
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.4
+    scale = 0.3
+    scores = torch.einsum("bkgd,bksd->bkgs", q.double().view(2, 2, 4, 64), k.double()) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~mask.view(2, 1, 1, 40), float("-inf")).softmax(-1)
+    want = torch.einsum("bkgs,bksd->bkgd", probs, v.double()).reshape(2, 8, 1, 64)
+    tol = dict(rtol=2 ** -8, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    got = native.attend_one_row(q, k, v, mask, scale, softcap)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert native.attend_one_row(q, k, v, mask & False, scale, softcap) is None
+    x, weight = torch.randn(3, 256, generator=g).to(dtype), (torch.randn(256, generator=g) / 4).to(dtype)
+    xd = x.double()
+    norm = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.double())
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-6).double(), norm, **tol)
+    gate, up = (3 * torch.randn(5000, generator=g)).to(dtype), torch.randn(5000, generator=g).to(dtype)
+    torch.testing.assert_close(native.geglu(gate, up).double(), F.gelu(gate.double(), approximate="tanh") * up.double(),
+                               **tol)
 
 
 def test_fused_elementwise_ops_in_the_model(bf16_model, monkeypatch):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from nanopali.inference import native
 from nanopali.models.gemma import TiedEmbedding
 from nanopali.models.paligemma import PaliGemma
+from nanopali.nn.attention import attention
 from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
 from nanopali.nn.moe import Experts, dispatch, grouped_experts, grouped_mm_available
 from nanopali.nn.norms import RMSNorm, rms_norm
@@ -335,22 +336,48 @@ class CpuKernels:
         for the compile (seconds, e.g. at a server's first prefill of 8 rows) to save nothing."""
         return self.enabled and self.chooser.measure and _inference_cpu(x) and x.numel() >= ELEMENTWISE_MIN
 
+    def _native_step_op(self, x: torch.Tensor) -> bool:
+        """A decode step's small tensors in a large model (measure=True) take native.py's one-pass kernels: eager
+        torch spends 16-25 us on an RMSNorm or a GeGLU of one row in several ops, attention 150 us (3B, 2 cores)."""
+        return (self.enabled and self.chooser.measure and _inference_cpu(x) and x.numel() < ELEMENTWISE_MIN
+                and native.available())
+
     def gelu(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-        """gelu_tanh(x), times `up` (same shape) if given: fused and compiled for large inference tensors."""
+        """gelu_tanh(x), times `up` (same shape) if given: fused, compiled for large inference tensors and native
+        for a decode step's."""
         if self._elementwise(x):
             y = self._run(_gelu, x.reshape(-1)) if up is None else self._run(_geglu, x.reshape(-1), up.reshape(-1))
             if y is not None:
                 return y.view(x.shape)
+        elif up is not None and self._native_step_op(x):
+            y = native.geglu(x, up)
+            if y is not None:
+                return y
         y = gelu_tanh(x)
         return y if up is None else y * up
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """nn.norms.rms_norm of x (..., D), as one compiled pass for large inference tensors."""
+        """nn.norms.rms_norm of x (..., D), as one compiled pass for large inference tensors and a native one for a
+        decode step's."""
         if self._elementwise(x):
             y = self._run(rms_norm, x.reshape(-1, x.shape[-1]), weight.detach(), eps)
             if y is not None:
                 return y.view(x.shape)
+        elif self._native_step_op(x):
+            y = native.rms_norm(x, weight, eps)
+            if y is not None:
+                return y
         return rms_norm(x, weight, eps)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+        """nn.attention.attention, whose signature it has; a decode step's one query row in a large model takes
+        native.attend_one_row (the same fp32 arithmetic as the explicit path, Gemma 2's soft-cap in fp32 too)."""
+        if q.shape[2] == 1 and mask is not None and self._native_step_op(q):
+            out = native.attend_one_row(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+            if out is not None:
+                return out
+        return attention(q, k, v, mask, scale=scale, softcap=softcap)
 
 
 PLAIN = CpuKernels(enabled=False)  # stateless when disabled: what unprepared quantized layers use
@@ -478,7 +505,8 @@ def _replacement(module: nn.Module, kernels: CpuKernels) -> nn.Module | None:
 
 def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:
     """Replace, in place, the modules of a PaliGemma that have a fast form: every linear layer, the decoder's
-    norms and GeGLUs, its tied head, and the vision tower's MLPs. Parameters and state-dict keys stay as they were."""
+    norms and GeGLUs, its tied head, and the vision tower's MLPs; and give the decoder's attention layers
+    `kernels.attention`. Parameters and state-dict keys stay as they were."""
     decoder = model.decoder
     for root in (decoder, model.vision, model.multi_modal_projector):
         for _, parent in reversed(list(root.named_modules())):  # children first: a FastGeGLU gets FastLinears
@@ -486,6 +514,8 @@ def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:
                 new = _replacement(child, kernels)
                 if new is not None:
                     setattr(parent, child_name, new)
+    for layer in decoder.layers:
+        layer.self_attn.attend = kernels.attention
     if type(decoder.embed_tokens) is TiedEmbedding:  # an Int8Embedding already takes the kernels
         decoder.embed_tokens = FastEmbedding(decoder.embed_tokens, kernels)
     return model

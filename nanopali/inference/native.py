@@ -381,6 +381,82 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
         int4_rows_scalar(packed, sz, sz_bf16, N, K, G, B, xq, lane_scale, gsum, n, y);
 }
 
+/* fp32 -> bf16, rounded to nearest even as torch's .to(torch.bfloat16) does (NaN stays NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load_at(const void *p, int bf16, long i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_at(void *p, int bf16, long i, float f) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(f); else ((float *)p)[i] = f;
+}
+
+/* A decode step's attention, one query row per (batch row b, head h) against its kv head's S cache slots, in fp32:
+   out[b, h] = softmax_j(cap(q[b, h] · k[b, g, j] · scale) where mask[b, j], -inf elsewhere) · v[b, g, :], g = h / (H / KV),
+   cap(s) = tanh(s / softcap) · softcap when softcap > 0. q (B, H, D), k and v (B, KV, S, D) and out (B, H, D) in
+   bf16 (`bf16`) or fp32; mask (B, S) bytes, 1 = may attend (at least one a row); scratch: B · H · (S + D) floats.
+   The (b, h) pairs are split between threads. */
+extern "C" void attend_one_row(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int bf16,
+                               long B, long H, long KV, long S, long D, float scale, float softcap, float *scratch,
+                               int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bh = 0; bh < B * H; bh++) {
+        long b = bh / H, g = (bh % H) / (H / KV);
+        float *sc = scratch + bh * (S + D), *acc = sc + S, top = -INFINITY, total = 0.0f;
+        for (long d = 0; d < D; d++) acc[d] = load_at(q, bf16, bh * D + d);    /* q, then the output */
+        for (long j = 0; j < S; j++) {
+            if (!mask[b * S + j]) { sc[j] = -INFINITY; continue; }
+            long row = ((b * KV + g) * S + j) * D;
+            float dot = 0.0f;
+#pragma omp simd reduction(+:dot)
+            for (long d = 0; d < D; d++) dot += acc[d] * load_at(k, bf16, row + d);
+            float s = dot * scale;
+            if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+            sc[j] = s;
+            top = s > top ? s : top;
+        }
+        for (long j = 0; j < S; j++) { sc[j] = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - top); total += sc[j]; }
+        for (long d = 0; d < D; d++) acc[d] = 0.0f;
+        for (long j = 0; j < S; j++) {
+            if (sc[j] == 0.0f) continue;
+            long row = ((b * KV + g) * S + j) * D;
+            float p = sc[j] / total;
+#pragma omp simd
+            for (long d = 0; d < D; d++) acc[d] += p * load_at(v, bf16, row + d);
+        }
+        for (long d = 0; d < D; d++) store_at(out, bf16, bh * D + d, acc[d]);
+    }
+}
+
+/* Gemma's RMSNorm of M rows of D: out = x · rsqrt(mean(x²) + eps) · (1 + w) in fp32, rounded once; x, w and out each
+   bf16 or fp32 (flags). */
+extern "C" void rms_norm_rows(const void *x, int x_bf16, const void *w, int w_bf16, void *out, long M, long D,
+                              float eps) {
+    for (long m = 0; m < M; m++) {
+        float ss = 0.0f;
+#pragma omp simd reduction(+:ss)
+        for (long d = 0; d < D; d++) { float t = load_at(x, x_bf16, m * D + d); ss += t * t; }
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (long d = 0; d < D; d++)
+            store_at(out, x_bf16, m * D + d, load_at(x, x_bf16, m * D + d) * r * (1.0f + load_at(w, w_bf16, d)));
+    }
+}
+
+/* out = gelu_tanh(gate) · up for n elements, in fp32, rounded once; bf16 or fp32 (all three alike). gelu_tanh(x) =
+   x · sigmoid(2 √(2/π) (x + 0.044715 x³)), as cpu_kernels._gelu_sigmoid writes it. */
+extern "C" void geglu(const void *gate, const void *up, void *out, long n, int bf16) {
+    for (long i = 0; i < n; i++) {
+        float x = load_at(gate, bf16, i);
+        float y = x / (1.0f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+        store_at(out, bf16, i, y * load_at(up, bf16, i));
+    }
+}
+
 /* out (K, N) bf16 = the int4 weight transposed, w[n, k] = (q - 8) s + z (same layout and scales as gemv_int4), for a
    prefill's bf16 GEMM (x @ out): torch's int4 kernel multiplies 268 rows at a third of the bf16 GEMM's rate, and
    unpacking with tensor ops costs more than the product. Transposed because a 64-row block's column is then 128
@@ -463,6 +539,10 @@ def _library() -> ctypes.CDLL | None:
     dll.gemv_w8a8.argtypes = [p, p, p, p, i64, i64, i64, p, p, i32]
     dll.gemv_int4.argtypes = [p, p, p, i32, p, i64, i64, i64, i64, p, p, p, i32]
     dll.dequantize_int4_t.argtypes = [p, p, i32, p, i64, i64, i64, i64, i32]
+    f32 = ctypes.c_float
+    dll.attend_one_row.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, i64, f32, f32, p, i32]
+    dll.rms_norm_rows.argtypes = [p, i32, p, i32, p, i64, i64, f32]
+    dll.geglu.argtypes = [p, p, p, i64, i32]
     return dll
 
 
@@ -536,3 +616,52 @@ def _int4_shapes(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[
     K = packed.numel() * 2 // N
     sz = scales_and_zeros if scales_and_zeros.dtype in (torch.float32, torch.bfloat16) else scales_and_zeros.float()
     return N, K, K // groups, sz.contiguous()
+
+
+FLOATS = (torch.float32, torch.bfloat16)  # what the elementwise kernels and attend_one_row take
+
+
+def attend_one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                   softcap: float | None) -> torch.Tensor | None:
+    """One query row per head: q (B, H, 1, D), the cache's k, v (B, KV, S, D), bool mask (B, 1, 1, S) -> (B, H, 1, D)
+    in q's dtype, computed in fp32 (nn.attention's explicit path); None where no kernel takes it (no build, other
+    dtypes or shapes, a row that may attend to nothing)."""
+    lib = _library()
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    if (lib is None or T != 1 or q.dtype not in FLOATS or k.dtype != q.dtype or v.dtype != q.dtype or H % KV
+            or k.shape != (B, KV, S, D) or v.shape != k.shape or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool):
+        return None
+    mask = mask.reshape(B, S).contiguous()
+    if not mask.any(-1).all():
+        return None  # softmax of nothing: the explicit path's NaN, not an invented answer
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    scratch = torch.empty(B * H * (S + D), dtype=torch.float32)
+    lib.attend_one_row(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                       int(q.dtype == torch.bfloat16), B, H, KV, S, D, scale, softcap or 0.0, scratch.data_ptr(),
+                       torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """nn.norms.rms_norm of x (..., D) in one pass (fp32 arithmetic, rounded once); None where no kernel takes it."""
+    lib = _library()
+    if lib is None or x.dtype not in FLOATS or weight.dtype not in FLOATS or weight.shape != x.shape[-1:]:
+        return None
+    x, weight = x.contiguous(), weight.detach().contiguous()
+    out = torch.empty_like(x)
+    lib.rms_norm_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(),
+                      int(weight.dtype == torch.bfloat16), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """gelu_tanh(gate) · up in fp32, rounded once; None where no kernel takes it (no build, mixed or other dtypes)."""
+    lib = _library()
+    if lib is None or gate.dtype not in FLOATS or up.dtype != gate.dtype or up.shape != gate.shape:
+        return None
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    lib.geglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), int(gate.dtype == torch.bfloat16))
+    return out

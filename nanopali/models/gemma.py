@@ -48,6 +48,7 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.attend = attention  # nn.attention's; the inference layer may put a faster one of the same signature here
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None):
         B, T, _ = x.shape
@@ -57,7 +58,7 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slots)                           # (B, KV, S, D)
-        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)         # (B, H, T, D)
+        out = self.attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)       # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
