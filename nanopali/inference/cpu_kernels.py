@@ -2,7 +2,7 @@
 
     kernels = CpuKernels()                      # one per prepared model (inference/runtime.py owns it)
     kernels.linear(x, weight, scale=None)       # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N)
-    kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps)
+    kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps); kernels.attention(q, k, v, mask, scale, softcap)
     install(model, kernels)                     # swap the model's linears, the decoder's norms and MLPs and
                                                 # the vision MLPs for Fast* ones (an MoE's Experts: FastExperts)
 
@@ -15,8 +15,10 @@ fastest. A prefill's products of a large model in bf16 / fp16 run as fp32 GEMMs 
 chunk where this processor multiplies half precision slowly (AVX2 without AVX-512 BF16: timed once,
 `widen_is_faster`); an int4 prefill of 96 rows or more unpacks each weight into a reused bf16 buffer
 (native.dequantize_int4_t, where AVX-512 BF16 is) for the bf16 GEMM. Large inference tensors get gelu,
-GeGLU and RMSNorm as one compiled fp32 pass. Autograd, small tensors and `CpuKernels(enabled=False)`
-take the plain ops. A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
+GeGLU and RMSNorm as one compiled fp32 pass; a large model's decode step gets native.py's one-pass attention,
+RMSNorm and GeGLU (install points each GemmaAttention's `attend` at `CpuKernels.attention`). Autograd, a small
+model's tensors and `CpuKernels(enabled=False)` take the plain ops. A failed compilation warns once and falls
+back. Measurements: BENCHMARKS.md.
 """
 
 from __future__ import annotations

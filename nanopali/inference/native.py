@@ -4,6 +4,7 @@ processor at first use.
     y = native.gemv(x, weight, scale=None)   # x (1, K) @ weight (N, K)ᵀ [· scale (N,)] -> fp32 (1, N), or None
     y = native.gemv_int4(x, packed, scales_and_zeros, block)   # x (1, K) @ torch's packed int4 weight -> fp32 (1, N)
     ok = native.dequantize_int4_t(packed, scales_and_zeros, block, out)   # that weight, transposed, bf16 -> out (K, N)
+    out = native.attend_one_row(q, k, v, mask, scale, softcap)   # a decode step's attention; also rms_norm, geglu
 
 A decode step reads every weight once for one row of activations, so it runs at the speed weights stream
 from memory. Three products are written here, in C++ with the processor's vector instructions, as llama.cpp
@@ -17,6 +18,9 @@ does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
 - int4 weights (torch's CPU packing, read in place) · int8 x ("W4A8", llama.cpp's q4_0 · q8_0 way): x quantized
   as above, nibble pairs of two columns interleaved so `vpmaddubsw` multiplies them with two x at once (AVX-512
   VBMI `vpermb` on a whole 64-row block; on AVX2 32 rows at a time), the group's scale and zero applied after.
+- a decode step's other work on small tensors, where eager torch spends most of its time launching ops: attention
+  of one query row per head over the KV cache (150 us a layer of the 3B in torch, 8 ops; one pass here), RMSNorm
+  and GeGLU, all in fp32 and rounded once (cpu_kernels.CpuKernels.attention / rms_norm / gelu choose them).
 Rows are split between torch's OpenMP threads (the library links the libgomp torch loaded). It builds once per
 source, compiler and processor into ~/.cache/nanopali (or $NANOPALI_CACHE) with the C++ compiler torch's
 inductor uses (`cpp_kernels.py`'s loop needs one too) and `-march=native`; if that fails, `available()` is False,
