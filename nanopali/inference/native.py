@@ -120,7 +120,20 @@ extern "C" void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, long N
 
 /* x (K,) fp32 -> int8 q (K,) and one scale per block of 32 (max|x| / 127), spread per 4-byte lane: lane_scale[K / 4]. */
 static void quantize_x(const float *x, int8_t *q, float *lane_scale, long K) {
-    for (long b = 0; b < K; b += 32) {
+    long b = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    /* the same arithmetic 32 at a time: x · inv rounded to nearest even (the default mode, as lrintf) */
+    for (; b + 32 <= K; b += 32) {
+        __m512 v0 = _mm512_loadu_ps(x + b), v1 = _mm512_loadu_ps(x + b + 16);
+        float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float s = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+        __m512 iv = _mm512_set1_ps(inv);
+        _mm_storeu_si128((__m128i *)(q + b), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
+        _mm_storeu_si128((__m128i *)(q + b + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
+        _mm256_storeu_ps(lane_scale + b / 4, _mm256_set1_ps(s));
+    }
+#endif
+    for (; b < K; b += 32) {
         float m = 0.0f;
         for (long j = b; j < b + 32; j++) m = fmaxf(m, fabsf(x[j]));
         float s = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
@@ -325,6 +338,9 @@ static void int4_block64(const uint8_t *base, const void *sz, int sz_bf16, long 
             for (long h = b; h < b + 32; h += 16) {
                 __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
                 for (long k = h; k < h + 16; k += 2) {
+                    /* 4 KiB ahead in the block's stream: +10 % from memory on Zen 5 (31 -> 34 GB/s, 2 threads;
+                       2 and 8 KiB less), where the hardware prefetcher alone left the loads waiting */
+                    _mm_prefetch((const char *)(base + k * 32 + 4096), _MM_HINT_T0);
                     __m512i v = _mm512_permutexvar_epi8(pairs, _mm512_loadu_si512(base + k * 32));
                     __m512i xp = _mm512_set1_epi16(pair_at(xq + k));
                     lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(_mm512_and_si512(v, m4), xp));
@@ -356,6 +372,7 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
     quantize_x(x, xq, lane_scale, K);
     for (long g = 0; g < K / G; g++) {
         float t = 0.0f;
+#pragma omp simd reduction(+:t)
         for (long k = g * G; k < (g + 1) * G; k++) t += x[k];
         gsum[g] = t;
     }
