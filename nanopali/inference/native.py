@@ -470,8 +470,41 @@ extern "C" void rms_norm_rows(const void *x, int x_bf16, const void *w, int w_bf
 
 /* out = gelu_tanh(gate) · up for n elements, in fp32, rounded once; bf16 or fp32 (all three alike). gelu_tanh(x) =
    x · sigmoid(2 √(2/π) (x + 0.044715 x³)), as cpu_kernels._gelu_sigmoid writes it. */
+#if defined(__AVX512F__)
+/* e^x, 16 at a time: 2^n · 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor polynomial of degree 6
+   (relative error <= 1.3e-7, about an fp32 ulp); x clamped to [-87, 87]. libm's expf is not vectorised here. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(87.0f)), _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+    const float c[7] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.0555041086648216f, 0.0096181291076285f,
+                        0.0013333558146428f, 0.0001540353039338f};
+    __m512 p = _mm512_set1_ps(c[6]);
+    for (int i = 5; i >= 0; i--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 extern "C" void geglu(const void *gate, const void *up, void *out, long n, int bf16) {
-    for (long i = 0; i < n; i++) {
+    long i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    const __m512 k = _mm512_set1_ps(-1.5957691216057308f), c = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x, u;
+        if (bf16) {
+            x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)gate + i))), 16));
+            u = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)up + i))), 16));
+        } else {
+            x = _mm512_loadu_ps((const float *)gate + i);
+            u = _mm512_loadu_ps((const float *)up + i);
+        }
+        __m512 z = _mm512_mul_ps(k, _mm512_add_ps(x, _mm512_mul_ps(c, _mm512_mul_ps(x, _mm512_mul_ps(x, x)))));
+        __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, exp16(z))), u);
+        if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), (__m256i)_mm512_cvtneps_pbh(y));
+        else _mm512_storeu_ps((float *)out + i, y);
+    }
+#endif
+    for (; i < n; i++) {
         float x = load_at(gate, bf16, i);
         float y = x / (1.0f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
         store_at(out, bf16, i, y * load_at(up, bf16, i));
