@@ -9,7 +9,8 @@ int4: the same linear layers group-wise, as gpt-fast does: each run of G (128) w
 gets its own scale and zero, w ≈ (q - 8) · scale + zero, q in 0..15, packed two per byte as torch's
 `_weight_int4pack_mm_for_cpu` wants; a layer the kernel cannot take stays int8. The embedding keeps its int8 rows
 for lookups, and the head reads an int4 copy of them, whose best 64 logits a row are recomputed from the int8 rows
-(Int8Embedding: greedy tokens are the int8 head's, for 47 % fewer bytes a step on the 3B).
+(Int8Embedding): the 3B's step reads 280 MB of head instead of 527, and the argmax stays the int8 head's wherever
+that winner is among the int4 head's best 64 (BENCHMARKS.md).
 A mixture-of-experts layer's experts are quantized the same way, each expert matrix on its own (int8 per
 row; int4 per group, packed expert by expert), into a cpu_kernels.FastExperts; its router (`gate`) stays in
 float, since a rounded router picks other experts. The products run through cpu_kernels.CpuKernels. The SigLIP
