@@ -468,8 +468,6 @@ extern "C" void rms_norm_rows(const void *x, int x_bf16, const void *w, int w_bf
     }
 }
 
-/* out = gelu_tanh(gate) · up for n elements, in fp32, rounded once; bf16 or fp32 (all three alike). gelu_tanh(x) =
-   x · sigmoid(2 √(2/π) (x + 0.044715 x³)), as cpu_kernels._gelu_sigmoid writes it. */
 #if defined(__AVX512F__)
 /* e^x, 16 at a time: 2^n · 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor polynomial of degree 6
    (relative error <= 1.3e-7, about an fp32 ulp); x clamped to [-87, 87]. libm's expf is not vectorised here. */
@@ -485,6 +483,9 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+/* out = gelu_tanh(gate) · up for n elements, in fp32, rounded once; bf16 or fp32 (all three alike). gelu_tanh(x) =
+   x · sigmoid(2 √(2/π) (x + 0.044715 x³)), as cpu_kernels._gelu_sigmoid writes it. 16 at a time
+   with AVX-512 (BF16 for the rounding), else one at a time with libm's expf. */
 extern "C" void geglu(const void *gate, const void *up, void *out, long n, int bf16) {
     long i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
