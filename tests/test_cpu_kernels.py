@@ -373,8 +373,11 @@ def test_native_step_ops_equal_their_definitions(dtype, softcap):
     norm = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.double())
     torch.testing.assert_close(native.rms_norm(x, weight, 1e-6).double(), norm, **tol)
     gate, up = (3 * torch.randn(5000, generator=g)).to(dtype), torch.randn(5000, generator=g).to(dtype)
-    torch.testing.assert_close(native.geglu(gate, up).double(), F.gelu(gate.double(), approximate="tanh") * up.double(),
-                               **tol)
+    got = native.geglu(gate, up)
+    if got is None:  # no AVX-512 BF16 here: eager torch's two ops are faster than one expf at a time
+        assert not native._library().geglu_vectorised()
+    else:
+        torch.testing.assert_close(got.double(), F.gelu(gate.double(), approximate="tanh") * up.double(), **tol)
 
 
 def test_fused_elementwise_ops_in_the_model(bf16_model, monkeypatch):
