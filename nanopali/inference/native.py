@@ -51,6 +51,8 @@ SOURCE = r"""
 #include <math.h>
 #include <immintrin.h>
 
+#define SHORT_BF16_ROW 4096  /* elements */
+
 static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 #if defined(__AVX2__)
@@ -67,6 +69,26 @@ static inline float hsum256(__m256 v) {
 /* y[n] = sum_k x[k] w[n, k], bf16 inputs, fp32 accumulation; 4 weight rows at a time share each load of x;
    rows split between threads. */
 extern "C" void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, long N, long K, int threads) {
+#if defined(__AVX512BF16__)
+    if (K <= SHORT_BF16_ROW) {
+        /* short rows each on their own, start to end: one stream the hardware prefetcher follows, where four rows at
+           once are four short ones (as gemv_w8a8's one-row case) */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long n = 0; n < N; n++) {
+            const uint16_t *r = w + n * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            long k = 0;
+            for (; k + 64 <= K; k += 64) {
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+            }
+            float a = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            for (; k < K; k++) a += bf16_to_float(r[k]) * bf16_to_float(x[k]);
+            y[n] = a;
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n0 = 0; n0 < N; n0 += 4) {
         long rows = N - n0 < 4 ? N - n0 : 4, k = 0;
