@@ -38,8 +38,8 @@ from nanopali.nn.moe import Experts, SparseMoE
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel takes
-# weights quantized at a time: 4 MB of fp32 temporaries each. 2^22 (16 MB) left the 3B's int4 load's peak RSS at
-# 1.12-1.20x the model (+ baseline) from one run to the next, glibc keeping some temporaries; 2^20 at 1.07 (#25: 1.15)
+# weights quantized at a time: 4 MB of fp32 temporaries each (2^22, 16 MB, left more of them in glibc's heap: the 3B's
+# int4 load peaked at 1.12-1.20x the model + baseline, varying by run; now 1.045 with release_freed_memory; #25: 1.15)
 CHUNK = 1 << 20
 RESCORED = 64    # logits per row that an int4 head recomputes from the int8 rows (Int8Embedding)
 EXPERT_SCALES = {"gate_up_proj": "gate_up_scale", "down_proj": "down_scale"}  # FastExperts' quantized buffers
@@ -336,7 +336,7 @@ def _malloc_trim():
 def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing where there is none). The freed
     temporaries of quantizing weight after weight stayed in the heap and in the peak RSS: the 3B's int8 load peaked at
-    1.08-1.16x the model (+ baseline) from one run to the next (#25's target: 1.15)."""
+    1.08-1.16x the model (+ baseline) from one run to the next, and at 1.035 with this after every weight."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
