@@ -55,6 +55,22 @@ SOURCE = r"""
 
 static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
+/* fp32 -> bf16, rounded to nearest even as torch's .to(torch.bfloat16) does (NaN stays NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* element i of an array of bf16 (`bf16`) or fp32 values, as fp32; and storing one */
+static inline float load_at(const void *p, int bf16, long i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_at(void *p, int bf16, long i, float f) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(f); else ((float *)p)[i] = f;
+}
+
 #if defined(__AVX2__)
 /* Rows of up to this many bytes are short: the hardware prefetcher, which follows each row, stops at its end, so the
    AVX2 loops prefetch the next 4 rows themselves (+10-20 % at 4 KiB rows; -7 % at 32 KiB rows, hence only short). */
@@ -238,13 +254,10 @@ extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, 
                 a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lane_scale + k / 4), a0);
                 __m512 t = a0; a0 = a1; a1 = t;
             }
-            float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            for (long b = k; b < K; b += 32) {
-                int32_t t = 0;
-                for (long j = b; j < b + 32; j++) t += (int32_t)r[j] * (int32_t)xq[j];
-                acc += (float)t * lane_scale[b / 4];
-            }
-            y[n] = acc * wscale[n];
+            const int8_t *rest = r + k;
+            float tail;  /* the last 32 columns, if K % 64: dot_w8a8's loop for one row */
+            dot_w8a8(&rest, 1, xq + k, lane_scale + k / 4, K - k, &tail);
+            y[n] = (_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail) * wscale[n];
         }
         return;
     }
@@ -281,10 +294,6 @@ static inline int q4_at(const uint8_t *packed, long N, long K, long B, long n, l
 /* (x[k], x[k+1]) as one 16-bit lane, x[k] in the low byte: their order in memory, so one broadcast load. */
 static inline short pair_at(const int8_t *p) { short v; memcpy(&v, p, 2); return v; }
 
-static inline float sz_at(const void *sz, int sz_bf16, long i) {
-    return sz_bf16 ? bf16_to_float(((const uint16_t *)sz)[i]) : ((const float *)sz)[i];
-}
-
 /* Σ_k w[n, k] x[k] = Σ_g s·Σ_{k in g} q x + (z - 8 s)·Σ_{k in g} x: the first sum on x rounded to int8 per block of 32
    (q4_0 · q8_0, llama.cpp's way), the second on the unrounded x (gsum). One row n, scalar: the tail rows, and every
    row where AVX2 is missing. */
@@ -298,7 +307,7 @@ static void int4_rows_scalar(const uint8_t *packed, const void *sz, int sz_bf16,
             for (long k = b; k < b + 32; k++) d += q4_at(packed, N, K, B, n, k) * (int32_t)xq[k];
             part += (float)d * lane_scale[b / 4];
         }
-        float s = sz_at(sz, sz_bf16, (g * N + n) * 2), z = sz_at(sz, sz_bf16, (g * N + n) * 2 + 1);
+        float s = load_at(sz, sz_bf16, (g * N + n) * 2), z = load_at(sz, sz_bf16, (g * N + n) * 2 + 1);
         total += part * s + (z - 8.0f * s) * gsum[g];
     }
     y[n] = total;
@@ -342,7 +351,7 @@ static void int4_unit(const uint8_t *base, long half, const void *sz, int sz_bf1
         for (int j = 0; j < 4; j++) _mm256_storeu_ps(part + 8 * j, f[j]);
         for (int r = 0; r < 32; r++) {
             long n = r0 + (r < 16 ? r : half + r - 16), i = (g * N + n) * 2;
-            float s = sz_at(sz, sz_bf16, i), z = sz_at(sz, sz_bf16, i + 1);
+            float s = load_at(sz, sz_bf16, i), z = load_at(sz, sz_bf16, i + 1);
             total[r] += part[r] * s + (z - 8.0f * s) * gsum[g];
         }
     }
@@ -449,21 +458,6 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n = vector_rows; n < N; n++)
         int4_rows_scalar(packed, sz, sz_bf16, N, K, G, B, xq, lane_scale, gsum, n, y);
-}
-
-/* fp32 -> bf16, rounded to nearest even as torch's .to(torch.bfloat16) does (NaN stays NaN). */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float load_at(const void *p, int bf16, long i) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store_at(void *p, int bf16, long i, float f) {
-    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(f); else ((float *)p)[i] = f;
 }
 
 /* A decode step's attention, one query row per (batch row b, head h) against its kv head's S cache slots, in fp32:

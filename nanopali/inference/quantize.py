@@ -205,9 +205,13 @@ class Int8Embedding(nn.Module):
             head = packed, scales_and_zeros.to(dtype)
         return cls(*quantize_rows(weight), dtype, kernels, head)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> their rows (..., D), dequantized in fp32."""
+        return F.embedding(ids, self.weight).float() * self.scale[ids][..., None]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> rows (B, T, D) in the original dtype."""
-        return (F.embedding(input_ids, self.weight).float() * self.scale[input_ids][..., None]).to(self.dtype)
+        return self.rows(input_ids).to(self.dtype)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V)."""
@@ -216,8 +220,7 @@ class Int8Embedding(nn.Module):
         V = self.weight.shape[0]
         logits = self.kernels.linear_int4(h, self.head_weight, self.head_scales_and_zeros)[..., :V]
         best = logits.topk(min(RESCORED, V), dim=-1).indices                                  # (..., k)
-        rows = F.embedding(best, self.weight).float() * self.scale[best][..., None]           # (..., k, D)
-        exact = (rows @ h.float()[..., None]).squeeze(-1)                                     # (..., k)
+        exact = (self.rows(best) @ h.float()[..., None]).squeeze(-1)                          # (..., k)
         return logits.scatter(-1, best, exact.to(logits.dtype))
 
 
