@@ -3,8 +3,8 @@
     kernels = CpuKernels()                      # one per prepared model (inference/runtime.py owns it)
     kernels.linear(x, weight, scale=None)       # x (..., K) @ weight (N, K)ᵀ [· scale (N,)] -> (..., N)
     kernels.gelu(x, up=None); kernels.rms_norm(x, weight, eps); kernels.attention(q, k, v, mask, scale, softcap)
-    install(model, kernels)                     # swap the model's linears, the decoder's norms and MLPs and
-                                                # the vision MLPs for Fast* ones (an MoE's Experts: FastExperts)
+    install(model, kernels)                     # swap the model's linears, the decoder's layers, norms and MLPs
+                                                # and the vision MLPs for Fast* ones (an MoE's Experts: FastExperts)
 
 A decode step multiplies one row by every weight, so it is bound by how fast the weights stream. Three
 one-row paths exist, "native" (native.py's hand-written bf16 and int8-by-int8 products, compiled for this
@@ -16,9 +16,10 @@ chunk where this processor multiplies half precision slowly (AVX2 without AVX-51
 `widen_is_faster`); an int4 prefill of 96 rows or more unpacks each weight into a reused bf16 buffer
 (native.dequantize_int4_t, where AVX-512 BF16 is) for the bf16 GEMM. Large inference tensors get gelu,
 GeGLU and RMSNorm as one compiled fp32 pass; a large model's decode step gets native.py's one-pass attention,
-RMSNorm and GeGLU (install points each GemmaAttention's `attend` at `CpuKernels.attention`). Autograd, a small
-model's tensors and `CpuKernels(enabled=False)` take the plain ops. A failed compilation warns once and falls
-back. Measurements: BENCHMARKS.md.
+RMSNorm and GeGLU (install points each GemmaAttention's `attend` at `CpuKernels.attention`), and on the native
+path each dense layer's whole step as one native.decode_layer call (FastDecoderLayer: the same arithmetic, without
+~20 Python calls a layer). Autograd, a small model's tensors and `CpuKernels(enabled=False)` take the plain ops.
+A failed compilation warns once and falls back. Measurements: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import statistics
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopali.inference import native
-from nanopali.models.gemma import TiedEmbedding
+from nanopali.models.gemma import GemmaAttention, GemmaDecoderLayer, TiedEmbedding
 from nanopali.models.paligemma import PaliGemma
 from nanopali.nn.attention import attention
 from nanopali.nn.mlp import GeGLU, GeluMLP, gelu_tanh
@@ -344,6 +346,11 @@ class CpuKernels:
         return (self.enabled and self.chooser.measure and _inference_cpu(x) and x.numel() < ELEMENTWISE_MIN
                 and native.available())
 
+    def native_layers(self, x: torch.Tensor) -> bool:
+        """Whether a decode step's decoder layers of a large model run as native.decode_layer calls: on the native path,
+        with the step ops native too."""
+        return (self.forced or self.path) == "native" and self._native_step_op(x)
+
     def gelu(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         """gelu_tanh(x), times `up` (same shape) if given: fused, compiled for large inference tensors and native
         for a decode step's."""
@@ -396,6 +403,10 @@ class FastLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.kernels = linear.weight, linear.bias, kernels
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def native_weight(self) -> native.Weight | None:
+        """The weight as native.decode_layer reads it (None with a bias, or where its kernel does not take it)."""
+        return native.bf16_weight(self.weight.detach()) if self.bias is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.takes_one_row(x, self.weight):
@@ -491,7 +502,58 @@ class FastExperts(nn.Module):
         return dispatch(x, experts, weights, self.num_experts, expert)
 
 
+class FastDecoderLayer(GemmaDecoderLayer):
+    """A GemmaDecoderLayer with the same modules (so the same parameters and state-dict keys) whose decode step of
+    one row, in a large model on the native path, is one native.decode_layer call: the seven products and the glue
+    between them in C, rounded where the per-op path rounds, so the result is the per-op native path's bit for bit.
+    The per-op path spends ~0.2 ms of Python a layer (3B, BENCHMARKS.md). Anything else (a prefill, a batch, autograd,
+    another path, a layer whose modules are not all the kernels' own: LoRA, experts) runs GemmaDecoderLayer.forward.
+
+    The layer's weights are read once per KV cache (a generation, or a continuous batch's relayout): weights replaced
+    in the middle of a generation are seen from the next one (the old tensors stay alive until then)."""
+
+    def __init__(self, layer: GemmaDecoderLayer, kernels: CpuKernels):
+        nn.Module.__init__(self)
+        self.post_norms, self.kernels = layer.post_norms, kernels
+        for name, child in layer.named_children():
+            setattr(self, name, child)
+        self._spec: native.Layer | None = None
+        self._tensors: list[torch.Tensor] = []   # what the spec points into, kept alive with it
+        self._cache = lambda: None               # a weak reference to the KV cache the spec was made for
+
+    def native_spec(self) -> native.Layer | None:
+        """The native.Layer of this layer's current modules and weights, or None where one of them has no kernel."""
+        attn, mlp = self.self_attn, self.mlp
+        if type(attn) is not GemmaAttention or type(mlp) is not FastGeGLU or attn.attend != self.kernels.attention:
+            return None
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        norms = [self.input_layernorm, self.post_attention_layernorm if self.post_norms else None,
+                 self.pre_feedforward_layernorm if self.post_norms else self.post_attention_layernorm,
+                 self.post_feedforward_layernorm if self.post_norms else None]
+        weights = [getattr(m, "native_weight", lambda: None)() for m in projections]
+        if None in weights:
+            return None
+        norms = [None if n is None else n.weight.detach() for n in norms]
+        self._tensors = [t for m in projections for t in m.buffers()] + [p for m in projections for p in m.parameters()]
+        self._tensors += [n for n in norms if n is not None]
+        return native.layer(weights, norms, attn.heads, attn.kv_heads, attn.head_dim, self.input_layernorm.eps,
+                            attn.scale, attn.softcap)
+
+    def forward(self, x, cos, sin, mask, cache=None, slots=None):
+        if cache is not None and x.shape[:2] == (1, 1) and self.kernels.native_layers(x):
+            if self._cache() is not cache:
+                self._spec, self._cache = self.native_spec(), weakref.ref(cache)
+            if self._spec is not None:
+                i = self.self_attn.layer_idx
+                y = native.decode_layer(self._spec, x, cos, sin, cache.k[i], cache.v[i], slots, mask)
+                if y is not None:
+                    return y
+        return super().forward(x, cos, sin, mask, cache, slots)
+
+
 def _replacement(module: nn.Module, kernels: CpuKernels) -> nn.Module | None:
+    if type(module) is GemmaDecoderLayer:
+        return FastDecoderLayer(module, kernels)
     if type(module) is Experts:
         return FastExperts(module, kernels)
     if type(module) is GeGLU:
@@ -507,7 +569,7 @@ def _replacement(module: nn.Module, kernels: CpuKernels) -> nn.Module | None:
 
 def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:
     """Replace, in place, the modules of a PaliGemma that have a fast form: every linear layer, the decoder's
-    norms and GeGLUs, its tied head, and the vision tower's MLPs; and give the decoder's attention layers
+    layers, norms and GeGLUs, its tied head, and the vision tower's MLPs; and give the decoder's attention layers
     `kernels.attention`. Parameters and state-dict keys stay as they were."""
     decoder = model.decoder
     for root in (decoder, model.vision, model.multi_modal_projector):

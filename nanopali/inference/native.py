@@ -5,6 +5,7 @@ processor at first use.
     y = native.gemv_int4(x, packed, scales_and_zeros, block)   # x (1, K) @ torch's packed int4 weight -> fp32 (1, N)
     ok = native.dequantize_int4_t(packed, scales_and_zeros, block, out)   # that weight, transposed, bf16 -> out (K, N)
     out = native.attend_one_row(q, k, v, mask, scale, softcap)   # a decode step's attention; also rms_norm, geglu
+    out = native.decode_layer(native.layer(...), x, cos, sin, k_cache, v_cache, slots, mask)  # a whole layer's step
 
 A decode step reads every weight once for one row of activations, so it runs at the speed weights stream
 from memory. Three products are written here, in C++ with the processor's vector instructions, as llama.cpp
@@ -21,6 +22,9 @@ does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
 - a decode step's other work on small tensors, where eager torch spends most of its time launching ops: attention
   of one query row per head over the KV cache (150 us a layer of the 3B in torch, 8 ops; one pass here), RMSNorm
   and GeGLU, all in fp32 and rounded once (cpu_kernels.CpuKernels.attention / rms_norm / gelu choose them).
+- a whole dense decoder layer's decode step for one row (decode_layer): the norms, the seven products of any of
+  the three kinds, RoPE, the cache write, attention and GeGLU in one call, rounded to bf16 where the per-op path
+  rounds, so its result is that path's bit for bit; Python's ~20 calls a layer cost 4-5 ms a step of the 3B.
 Rows are split between torch's OpenMP threads (the library links the libgomp torch loaded). It builds once per
 source, compiler and processor into ~/.cache/nanopali (or $NANOPALI_CACHE) with the C++ compiler torch's
 inductor uses (`cpp_kernels.py`'s loop needs one too) and `-march=native`; if that fails, `available()` is False,
@@ -35,6 +39,7 @@ import functools
 import hashlib
 import os
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
@@ -463,7 +468,7 @@ extern "C" void gemv_int4(const float *x, const uint8_t *packed, const void *sz,
 /* A decode step's attention, one query row per (batch row b, head h) against its kv head's S cache slots, in fp32:
    out[b, h] = softmax_j(cap(q[b, h] · k[b, g, j] · scale) where mask[b, j], -inf elsewhere) · v[b, g, :], g = h / (H / KV),
    cap(s) = tanh(s / softcap) · softcap when softcap > 0. q (B, H, D), k and v (B, KV, S, D) and out (B, H, D) in
-   bf16 (`bf16`) or fp32; mask (B, S) bytes, 1 = may attend (at least one a row); scratch: B · H · (S + D) floats.
+   bf16 (`bf16`) or fp32; mask (B, S) bytes, 1 = may attend (a row with none gets NaN); scratch: B · H · (S + D) floats.
    The (b, h) pairs are split between threads. */
 extern "C" void attend_one_row(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int bf16,
                                long B, long H, long KV, long S, long D, float scale, float softcap, float *scratch,
@@ -493,7 +498,8 @@ extern "C" void attend_one_row(const void *q, const void *k, const void *v, cons
 #pragma omp simd
             for (long d = 0; d < D; d++) acc[d] += p * load_at(v, bf16, row + d);
         }
-        for (long d = 0; d < D; d++) store_at(out, bf16, bh * D + d, acc[d]);
+        float none = total > 0.0f ? 1.0f : NAN;  /* a row that may attend to nothing: NaN, as the explicit path */
+        for (long d = 0; d < D; d++) store_at(out, bf16, bh * D + d, acc[d] * none);
     }
 }
 
@@ -599,6 +605,119 @@ extern "C" int dequantize_int4_t(const uint8_t *packed, const void *sz, int sz_b
     return 0;
 #endif
 }
+
+/* ---------------------------------------------------------------- a whole decoder layer, one row */
+
+/* One product's weight as decode_layer reads it: kind 0 bf16 (N, K); 1 int8 (N, K) with fp32 row scales `scale`;
+   2 int4 in torch's packing (B rows a block) with (K / G, N, 2) scales and zeros `sz` (bf16 if sz_bf16, else fp32). */
+struct Weight { long kind, N, K, G, B, sz_bf16; const void *w; const float *scale; const void *sz; };
+
+/* One dense Gemma layer: projections q, k, v, o, gate, up, down; norms before attention, after it (Gemma 2, else
+   NULL), before the MLP and after it (Gemma 2, else NULL), each bf16 or fp32 (norm_bf16). */
+struct Layer {
+    struct Weight proj[7];
+    const void *norm[4];
+    long norm_bf16[4];
+    long D, H, KV, Dh, I;
+    float eps, scale, softcap;
+};
+
+/* decode_layer's scratch, carved from one buffer; with base 0 only the size is computed */
+struct Scratch { float *xf, *yf, *lane, *gsum, *att; uint16_t *h, *q, *k, *v, *a, *gate, *up; int8_t *xq; };
+
+static long carve(const struct Layer *L, long S, uintptr_t base, struct Scratch *s) {
+    long wide = L->D > L->I ? L->D : L->I, off = 0;
+    if (L->H * L->Dh > wide) wide = L->H * L->Dh;
+#define TAKE(field, type, n) s->field = (type *)(base + off); off += ((long)((n) * sizeof(type)) + 63) & ~63L
+    TAKE(xf, float, wide); TAKE(yf, float, wide); TAKE(lane, float, wide / 4); TAKE(gsum, float, wide / 32 + 1);
+    TAKE(att, float, L->H * (S + L->Dh)); TAKE(h, uint16_t, wide); TAKE(q, uint16_t, L->H * L->Dh);
+    TAKE(k, uint16_t, L->KV * L->Dh); TAKE(v, uint16_t, L->KV * L->Dh); TAKE(a, uint16_t, L->H * L->Dh);
+    TAKE(gate, uint16_t, L->I); TAKE(up, uint16_t, L->I); TAKE(xq, int8_t, wide);
+#undef TAKE
+    return off;
+}
+
+extern "C" long decode_layer_scratch(const struct Layer *L, long S) { struct Scratch s; return carve(L, S, 0, &s); }
+
+/* fp32 -> bf16 for n values (round to nearest even) */
+static void round_bf16(const float *y, uint16_t *out, long n) {
+    long i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) out[i] = float_to_bf16(y[i]);
+}
+
+/* out (N,) bf16 = x (K,) bf16 · W, by the one-row kernel of W's kind, the fp32 result rounded once (as the per-op
+   path: cpu_kernels' native products, then .to(bf16)) */
+static void product(const struct Weight *W, const uint16_t *x, uint16_t *out, const struct Scratch *s, int threads) {
+    if (W->kind == 0) {
+        gemv_bf16(x, (const uint16_t *)W->w, s->yf, W->N, W->K, threads);
+    } else {
+        for (long k = 0; k < W->K; k++) s->xf[k] = bf16_to_float(x[k]);
+        if (W->kind == 1)
+            gemv_w8a8(s->xf, (const int8_t *)W->w, W->scale, s->yf, 1, W->N, W->K, s->xq, s->lane, threads);
+        else
+            gemv_int4(s->xf, (const uint8_t *)W->w, W->sz, (int)W->sz_bf16, s->yf, W->N, W->K, W->G, W->B, s->xq,
+                      s->lane, s->gsum, threads);
+    }
+    round_bf16(s->yf, out, W->N);
+}
+
+/* nn/rope.apply_rope on `rows` heads of Dh in bf16, each op rounded as torch rounds it: x·cos, rotate(x)·sin, their sum */
+static void rope_rows(uint16_t *x, long rows, long Dh, const uint16_t *cos, const uint16_t *sin) {
+    long half = Dh / 2;
+    for (long r = 0; r < rows; r++) {
+        uint16_t *h = x + r * Dh, out[Dh];
+        for (long i = 0; i < Dh; i++) {
+            float rot = i < half ? -bf16_to_float(h[i + half]) : bf16_to_float(h[i - half]);
+            float a = bf16_to_float(float_to_bf16(bf16_to_float(h[i]) * bf16_to_float(cos[i])));
+            float b = bf16_to_float(float_to_bf16(rot * bf16_to_float(sin[i])));
+            out[i] = float_to_bf16(a + b);
+        }
+        memcpy(h, out, sizeof(out));
+    }
+}
+
+/* x + h for n bf16 values, rounded (torch's bf16 add) */
+static void add_bf16(const uint16_t *x, const uint16_t *h, uint16_t *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(h[i]));
+}
+
+/* One dense Gemma decoder layer for one row (models/gemma.GemmaDecoderLayer.forward with the native per-op kernels,
+   rounded at the same places): x (D,) bf16 -> out (D,) bf16; the row's k and v are written at cache slot *slot of
+   this layer's k and v caches (KV, S, Dh) bf16; mask (S,) bytes; cos and sin (Dh,) bf16. Returns 0, or 1 (nothing
+   done) if the slot is outside the cache. */
+extern "C" int decode_layer(const struct Layer *L, const uint16_t *x, uint16_t *out, const uint16_t *cos,
+                            const uint16_t *sin, uint16_t *kc, uint16_t *vc, long S, const long *slot,
+                            const uint8_t *mask, void *scratch, int threads) {
+    if (*slot < 0 || *slot >= S) return 1;
+    struct Scratch s;
+    carve(L, S, (uintptr_t)scratch, &s);
+    long D = L->D, Dh = L->Dh, KV = L->KV;
+    rms_norm_rows(x, 1, L->norm[0], (int)L->norm_bf16[0], s.h, 1, D, L->eps);
+    product(&L->proj[0], s.h, s.q, &s, threads);
+    product(&L->proj[1], s.h, s.k, &s, threads);
+    product(&L->proj[2], s.h, s.v, &s, threads);
+    rope_rows(s.q, L->H, Dh, cos, sin);
+    rope_rows(s.k, KV, Dh, cos, sin);
+    for (long g = 0; g < KV; g++) {
+        memcpy(kc + (g * S + *slot) * Dh, s.k + g * Dh, Dh * sizeof(uint16_t));
+        memcpy(vc + (g * S + *slot) * Dh, s.v + g * Dh, Dh * sizeof(uint16_t));
+    }
+    attend_one_row(s.q, kc, vc, mask, s.a, 1, 1, L->H, KV, S, Dh, L->scale, L->softcap, s.att, threads);
+    product(&L->proj[3], s.a, s.h, &s, threads);
+    if (L->norm[1]) rms_norm_rows(s.h, 1, L->norm[1], (int)L->norm_bf16[1], s.h, 1, D, L->eps);
+    add_bf16(x, s.h, out, D);
+    rms_norm_rows(out, 1, L->norm[2], (int)L->norm_bf16[2], s.h, 1, D, L->eps);
+    product(&L->proj[4], s.h, s.gate, &s, threads);
+    product(&L->proj[5], s.h, s.up, &s, threads);
+    geglu(s.gate, s.up, s.gate, L->I, 1);
+    product(&L->proj[6], s.gate, s.h, &s, threads);
+    if (L->norm[3]) rms_norm_rows(s.h, 1, L->norm[3], (int)L->norm_bf16[3], s.h, 1, D, L->eps);
+    add_bf16(out, s.h, out, D);
+    return 0;
+}
 """
 
 
@@ -650,6 +769,9 @@ def _library() -> ctypes.CDLL | None:
     dll.rms_norm_rows.argtypes = [p, i32, p, i32, p, i64, i64, f32]
     dll.geglu.argtypes = [p, p, p, i64, i32]
     dll.geglu_vectorised.restype = i32
+    dll.decode_layer_scratch.argtypes, dll.decode_layer_scratch.restype = [p, i64], i64
+    dll.decode_layer.argtypes = [p, p, p, p, p, p, p, i64, p, p, p, i32]
+    dll.decode_layer.restype = i32
     return dll
 
 
@@ -774,3 +896,98 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty_like(gate)
     lib.geglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), int(gate.dtype == torch.bfloat16))
     return out
+
+
+# ------------------------------------------------------------------ a whole decoder layer, one row
+
+
+class Weight(ctypes.Structure):
+    """One product's weight for decode_layer (the C struct of the same name): see bf16_weight / int8_weight /
+    int4_weight."""
+    _fields_ = [("kind", ctypes.c_long), ("N", ctypes.c_long), ("K", ctypes.c_long), ("G", ctypes.c_long),
+                ("B", ctypes.c_long), ("sz_bf16", ctypes.c_long), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("sz", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """One dense decoder layer for decode_layer: its seven weights, four norms (NULL where Gemma 1 has none) and sizes."""
+    _fields_ = [("proj", Weight * 7), ("norm", ctypes.c_void_p * 4), ("norm_bf16", ctypes.c_long * 4),
+                ("D", ctypes.c_long), ("H", ctypes.c_long), ("KV", ctypes.c_long), ("Dh", ctypes.c_long),
+                ("I", ctypes.c_long), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+
+
+def bf16_weight(weight: torch.Tensor) -> Weight | None:
+    """A bf16 (N, K) weight as decode_layer reads it (gemv's kernel); None where that kernel does not take it."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+        return None
+    return Weight(0, *weight.shape, 0, 0, 0, weight.data_ptr(), None, None)
+
+
+def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> Weight | None:
+    """An int8 (N, K) weight with fp32 row scales (N,), for the W8A8 kernel; None where it does not take it."""
+    N, K = weight.shape
+    if (weight.dtype != torch.int8 or K % BLOCK or not weight.is_contiguous() or weight.device.type != "cpu"
+            or scale.dtype != torch.float32 or scale.shape != (N,) or not scale.is_contiguous()):
+        return None
+    return Weight(1, N, K, 0, 0, 0, weight.data_ptr(), scale.data_ptr(), None)
+
+
+def int4_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int) -> Weight | None:
+    """A packed int4 weight (as gemv_int4 takes it) for decode_layer; None where gemv_int4 would not take it."""
+    N, K, G, sz = _int4_shapes(packed, scales_and_zeros)
+    if (K % BLOCK or G % BLOCK or block % 32 or packed.device.type != "cpu" or not packed.is_contiguous()
+            or sz.data_ptr() != scales_and_zeros.data_ptr()):  # the kernel must read the module's own tensors
+        return None
+    return Weight(2, N, K, G, block, int(sz.dtype == torch.bfloat16), packed.data_ptr(), None, sz.data_ptr())
+
+
+def layer(weights: list[Weight], norms: list[torch.Tensor | None], heads: int, kv_heads: int, head_dim: int, eps: float,
+          scale: float, softcap: float | None) -> Layer | None:
+    """The Layer for decode_layer from its seven weights (q, k, v, o, gate, up, down), its four norms' weights (before
+    attention, after it or None, before the MLP, after it or None) and its attention's sizes; None where the shapes do
+    not chain or a norm's dtype is neither bf16 nor fp32."""
+    D, I = weights[0].K, weights[4].N
+    shapes = [(heads * head_dim, D), (kv_heads * head_dim, D), (kv_heads * head_dim, D), (D, heads * head_dim),
+              (I, D), (I, D), (D, I)]
+    if ([(w.N, w.K) for w in weights] != shapes or head_dim % 2 or heads % kv_heads
+            or any(n is not None and (n.dtype not in FLOATS or n.shape != (D,) or not n.is_contiguous()) for n in norms)):
+        return None
+    return Layer((Weight * 7)(*weights), (ctypes.c_void_p * 4)(*[None if n is None else n.data_ptr() for n in norms]),
+                 (ctypes.c_long * 4)(*[int(n is not None and n.dtype == torch.bfloat16) for n in norms]),
+                 D, heads, kv_heads, head_dim, I, eps, scale, softcap or 0.0)
+
+
+def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """One decode step of a dense decoder layer for one row, as one call: x (1, 1, D) bf16 -> (1, 1, D) bf16, writing
+    the row's k and v at cache slot slots[0] of this layer's caches (1, KV, S, Dh) bf16; cos, sin (1, 1, 1, Dh) bf16
+    and the bool mask (1, 1, 1, S). The tensors in `spec` must be alive and unchanged. None where it does not apply
+    (no build, other dtypes or shapes)."""
+    lib = _library()
+    S, Dh = k_cache.shape[-2:]
+    if (lib is None or x.dtype != torch.bfloat16 or x.numel() != spec.D or k_cache.dtype != torch.bfloat16
+            or k_cache.shape != (1, spec.KV, S, spec.Dh) or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or cos.shape != (1, 1, 1, Dh)
+            or sin.shape != cos.shape or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16
+            or mask.shape != (1, 1, 1, S) or mask.dtype != torch.bool or slots.shape != (1,)
+            or slots.dtype != torch.long):
+        return None
+    x, cos, sin, mask = x.contiguous(), cos.contiguous(), sin.contiguous(), mask.contiguous()
+    out = torch.empty_like(x)
+    scratch = _scratch(lib.decode_layer_scratch(ctypes.byref(spec), S))
+    if lib.decode_layer(ctypes.byref(spec), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                        k_cache.data_ptr(), v_cache.data_ptr(), S, slots.data_ptr(), mask.data_ptr(),
+                        scratch.data_ptr(), torch.get_num_threads()):
+        raise IndexError(f"cache slot {int(slots[0])} is outside the cache's {S} slots")
+    return out
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """A per-thread byte buffer of at least `size` bytes, reused between calls."""
+    buffer = getattr(_local, "scratch", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _local.scratch = torch.empty(size, dtype=torch.uint8)
+    return buffer

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from nanopali.config import PaliGemmaConfig
 from nanopali.devices import resolve_device, resolve_dtype
 from nanopali.errors import UsageError
+from nanopali.inference import native
 from nanopali.inference.cpu_kernels import PLAIN, CpuKernels, FastExperts, int4_block, unpack_int4
 from nanopali.io.hf_checkpoint import Rows, checkpoint_dir, load_into
 from nanopali.models.paligemma import PaliGemma
@@ -139,6 +140,10 @@ class Int8Linear(nn.Module):
     def quantize(cls, weight: torch.Tensor | Rows, kernels: CpuKernels = PLAIN) -> "Int8Linear":
         return cls(*quantize_rows(weight), kernels)
 
+    def native_weight(self) -> native.Weight | None:
+        """The weight as native.decode_layer reads it (W8A8), or None."""
+        return native.int8_weight(self.weight, self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear(x, self.weight, self.scale)
 
@@ -164,6 +169,10 @@ class Int4Linear(nn.Module):
         """Scales and zeros in `dtype`, the model's: the kernel wants them in the activations' dtype."""
         packed, scales_and_zeros = quantize_int4(weight, group)
         return cls(packed, scales_and_zeros.to(dtype), kernels)
+
+    def native_weight(self) -> native.Weight | None:
+        """The weight as native.decode_layer reads it (W4A8), or None."""
+        return native.int4_weight(self.weight, self.scales_and_zeros, int4_block())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear_int4(x, self.weight, self.scales_and_zeros)
