@@ -16,7 +16,9 @@ default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_g
 (cuda_graphs=False: the same step run eagerly) and transformers. llamacpp (= llamacpp-bf16, llamacpp-q8_0,
 llamacpp-q4_0): llama.cpp on the checkpoint's language model converted to GGUF once (benchmarks/llamacpp.py;
 optional: pip install llama-cpp-python gguf), timed by its own counters on a prompt of the same length; it has
-no vision tower, so the table also gives every nanopali variant's prefill of that text-only prompt.
+no vision tower, so the table also gives every nanopali variant's prefill of that text-only prompt. With several
+--rounds each round's nanopali / llama.cpp decode ratio is printed too; benchmarks/bench_paired.py runs the two in
+one process, alternating blocks of steps, for a ratio the host's minute-to-minute swings do not move.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",
@@ -473,6 +475,21 @@ def precision(name: str) -> str:
     return name.rsplit("-", 1)[1] if name.endswith(("int8", "int4")) else "bf16"
 
 
+def round_ratios(rounds: list[dict[str, dict]], failed: list[str]) -> str:
+    """Each round's decode ratio of every nanopali variant to its llama.cpp rival, and their median: the workers of
+    a round run minutes apart, so this pairs them closer than the ratio of the medians over all rounds does
+    (bench_paired.py pairs them within seconds)."""
+    lines = []
+    for name in rounds[0]:
+        rival = LLAMACPP_RIVAL.get(precision(name))
+        if not name.startswith("nanopali") or rival not in rounds[0] or {name, rival} & set(failed):
+            continue
+        ratios = [r[name]["decode_tok_s"] / r[rival]["decode_tok_s"] for r in rounds]
+        lines.append(f"{name} / {rival} decode, per round: {', '.join(f'{x:.2f}' for x in ratios)} "
+                     f"(median {statistics.median(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
 def summary(results: dict[str, dict], machine: dict, costs: dict, logits_dir: Path, args) -> str:
     """Ratios against transformers, the bandwidth bound, prefill GFLOP/s and agreement with nanopali bf16."""
     bw, gpu, nan = machine["bandwidth_gbs"], args.device == "cuda", float("nan")
@@ -593,6 +610,8 @@ def main(argv=None) -> None:
                   + ", ".join(f"{m['bandwidth_gbs']:.1f}" for m in machines))
         print(report(results, weight_gib, args))
         print(summary(results, machine, costs, Path(logits_dir), args))
+        if args.rounds > 1:
+            print(round_ratios(rounds, failed))
     if failed:
         print(f"failed (left out of the table): {', '.join(failed)}")
     if args.json:
