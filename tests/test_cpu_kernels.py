@@ -80,20 +80,20 @@ def test_int4_paths_equal_the_dequantized_product():
 @pytest.mark.parametrize("G", [32, 128])
 @pytest.mark.parametrize("sz_dtype", [torch.bfloat16, torch.float32])
 def test_int4_prefill_unpacking_equals_torch_unpacking(G, sz_dtype):
-    """An int4 prefill of INT4_DEQUANT_ROWS rows or more unpacks the weight with native.dequantize_int4_t (transposed,
-    bf16) for the bf16 GEMM: bit for bit the weight dequantize_int4 makes with tensor ops, and linear_int4's product
+    """An int4 prefill of INT4_DEQUANT_ROWS rows or more unpacks the weight with native.dequantize_int4 (bf16) for
+    the bf16 GEMM: bit for bit the weight dequantize_int4 makes with tensor ops, and linear_int4's product
     within bf16 rounding of the fp32 product with it."""
     g = torch.Generator().manual_seed(G)
     N, K = 192, 256
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
     sz = torch.stack([torch.rand(K // G, N, generator=g) / 100, torch.randn(K // G, N, generator=g) / 100], -1).to(sz_dtype)
-    out = torch.full((K, N), float("nan"), dtype=torch.bfloat16)
-    if not native.dequantize_int4_t(packed, sz, cpu_kernels.int4_block(), out):
+    out = torch.full((N, K), float("nan"), dtype=torch.bfloat16)
+    if not native.dequantize_int4(packed, sz, cpu_kernels.int4_block(), out):
         assert torch.isnan(out).all()                                           # untouched where it does not run
-        pytest.skip("native.dequantize_int4_t needs AVX-512 BF16 and 64-row blocks; this processor has not")
+        pytest.skip("native.dequantize_int4 needs AVX-512 VBMI and BF16 and 64-row blocks; this processor has not")
     want = cpu_kernels.dequantize_int4(packed, sz, torch.bfloat16)
-    assert torch.equal(out.t(), want)
+    assert torch.equal(out, want)
     x = torch.randn(cpu_kernels.INT4_DEQUANT_ROWS, K, generator=g).bfloat16()
     with torch.no_grad():
         got = CpuKernels().linear_int4(x, packed, sz)

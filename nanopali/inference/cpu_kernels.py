@@ -14,7 +14,7 @@ which is fastest depends on the processor, so a StepChooser times whole decode s
 fastest. A prefill's products of a large model in bf16 / fp16 run as fp32 GEMMs on the weight widened chunk by
 chunk where this processor multiplies half precision slowly (AVX2 without AVX-512 BF16: timed once,
 `widen_is_faster`); an int4 prefill of 96 rows or more unpacks each weight into a reused bf16 buffer
-(native.dequantize_int4_t, where AVX-512 BF16 is) for the bf16 GEMM. Large inference tensors get gelu,
+(native.dequantize_int4, where AVX-512 VBMI and BF16 are) for the bf16 GEMM. Large inference tensors get gelu,
 GeGLU and RMSNorm as one compiled fp32 pass; a large model's decode step gets native.py's one-pass attention,
 RMSNorm and GeGLU (install points each GemmaAttention's `attend` at `CpuKernels.attention`), and on the native
 path each dense layer's whole step as one native.decode_layer call (FastDecoderLayer: the same arithmetic, without
@@ -325,9 +325,9 @@ class CpuKernels:
             if y is not None:
                 return y.to(x.dtype).view(*lead, N)
         if rows >= INT4_DEQUANT_ROWS and x.dtype == torch.bfloat16 and self.enabled and _inference_cpu(x):
-            weight_t = self.scratch((K, N), torch.bfloat16)  # the weight, transposed: see native.dequantize_int4_t
-            if native.dequantize_int4_t(packed, scales_and_zeros, int4_block(), weight_t):
-                return torch.matmul(x, weight_t)
+            weight = self.scratch((N, K), torch.bfloat16)
+            if native.dequantize_int4(packed, scales_and_zeros, int4_block(), weight):
+                return F.linear(x, weight)
         if self.enabled and _inference_cpu(x) and rows <= (INT4_KERNEL_ROWS if x.dtype == torch.bfloat16 else 4):
             return torch._weight_int4pack_mm_for_cpu(x.reshape(-1, K), packed, K // groups,
                                                      scales_and_zeros.to(x.dtype)).view(*lead, N)

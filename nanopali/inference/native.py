@@ -3,7 +3,7 @@ processor at first use.
 
     y = native.gemv(x, weight, scale=None)   # x (1, K) @ weight (N, K)ᵀ [· scale (N,)] -> fp32 (1, N), or None
     y = native.gemv_int4(x, packed, scales_and_zeros, block)   # x (1, K) @ torch's packed int4 weight -> fp32 (1, N)
-    ok = native.dequantize_int4_t(packed, scales_and_zeros, block, out)   # that weight, transposed, bf16 -> out (K, N)
+    ok = native.dequantize_int4(packed, scales_and_zeros, block, out)   # that weight in bf16 -> out (N, K)
     out = native.attend_one_row(q, k, v, mask, scale, softcap)   # a decode step's attention; also rms_norm, geglu
     out = native.decode_layer(native.layer(...), x, cos, sin, k_cache, v_cache, slots, mask)  # a whole layer's step
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 BLOCK = 32  # activations per int8 scale (llama.cpp's q8_0 block)
-# -ffp-contract=off: a multiply and an add written apart stay apart (dequantize_int4_t rounds as torch does); the
+# -ffp-contract=off: a multiply and an add written apart stay apart (dequantize_int4 rounds as torch does); the
 # kernels' fused multiply-adds are written as such
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
@@ -569,34 +569,63 @@ extern "C" void geglu(const void *gate, const void *up, void *out, long n, int b
     }
 }
 
-/* out (K, N) bf16 = the int4 weight transposed, w[n, k] = (q - 8) s + z (same layout and scales as gemv_int4), for a
-   prefill's bf16 GEMM (x @ out): torch's int4 kernel multiplies 268 rows at a third of the bf16 GEMM's rate, and
-   unpacking with tensor ops costs more than the product. Transposed because a 64-row block's column is then 128
-   contiguous bytes of `out`. Returns 0 (nothing written) where AVX-512 BF16 is missing or blocks are not 64 rows. */
-extern "C" int dequantize_int4_t(const uint8_t *packed, const void *sz, int sz_bf16, uint16_t *out, long N, long K,
-                                 long G, long B, int threads) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    if (B != 64 || N % 64) return 0;
+/* out (N, K) bf16 = the int4 weight, w[n, k] = (q - 8) s + z (same layout and scales as gemv_int4), for a prefill's
+   bf16 GEMM: torch's int4 kernel multiplies 268 rows at a third of the bf16 GEMM's rate, and unpacking with tensor ops
+   costs more than the product. Row-major, as F.linear takes it: the GEMM on a transposed (K, N) weight, which a
+   block's 128-byte columns made easier to write, was 15-20 % slower (BENCHMARKS.md).
+   Per 64-row block and 32 columns, the 32 x 32 bytes of the columns' runs are transposed with `vpermt2b`: the
+   1024 bytes' index bits (column c4..c0, row r4..r0) are exchanged between the register number and the byte
+   position one pair at a time, so each register ends up holding rows 2i and 2i + 1 (low nibbles; 32 + 2i and
+   33 + 2i in the high ones) for the 32 columns. Returns 0 (nothing written) where AVX-512 VBMI / BF16 are missing
+   or blocks are not 64 rows or K and G not multiples of 32. */
+extern "C" int dequantize_int4(const uint8_t *packed, const void *sz, int sz_bf16, uint16_t *out, long N, long K,
+                                    long G, long B, int threads) {
+#if defined(__AVX512VBMI__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (B != 64 || N % 64 || K % 32 || G % 32) return 0;
+    /* stage t exchanges register bit 3 - t with byte bit 4 - t; lo / hi: the indices making the pair's two results */
+    uint8_t lo[4][64], hi[4][64];
+    for (int t = 0; t < 4; t++)
+        for (int b = 0; b < 64; b++) {
+            int q = 1 << (4 - t), clear = b & ~q;
+            lo[t][b] = (uint8_t)(b & q ? 64 + clear : b);
+            hi[t][b] = (uint8_t)(b & q ? 64 + b : b | q);
+        }
+    uint8_t last[64];  /* byte bits (c0 c4 c3 c2 c1 r0) -> (r0 c4 c3 c2 c1 c0): swap bits 5 and 0 */
+    for (int b = 0; b < 64; b++) last[b] = (uint8_t)((b & 0x1E) | ((b >> 5) & 1) | ((b & 1) << 5));
+    const __m512i m4 = _mm512_set1_epi8(15), order = _mm512_loadu_si512(last);
     const __m512 eight = _mm512_set1_ps(8.0f);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long blk = 0; blk < N / 64; blk++) {
         const uint8_t *base = packed + blk * 64 * K / 2;
-        for (long g = 0; g < K / G; g++) {
-            __m512 s[4], z[4];
-            for (int j = 0; j < 4; j++) sz16(sz, sz_bf16, (g * N + blk * 64 + 16 * j) * 2, &s[j], &z[j]);
-            for (long k = g * G; k < (g + 1) * G; k++) {
-                __m256i col = _mm256_loadu_si256((const __m256i *)(base + k * 32));   /* rows 0..31 low, 32..63 high */
-                __m256i q[2] = {_mm256_and_si256(col, _mm256_set1_epi8(15)),
-                                _mm256_and_si256(_mm256_srli_epi16(col, 4), _mm256_set1_epi8(15))};
-                __m512 w[4];
-                for (int j = 0; j < 4; j++) {
-                    __m128i bytes = j % 2 ? _mm256_extracti128_si256(q[j / 2], 1) : _mm256_castsi256_si128(q[j / 2]);
-                    __m512 qf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), eight);
-                    w[j] = _mm512_add_ps(_mm512_mul_ps(qf, s[j]), z[j]);
+        for (long k0 = 0; k0 < K; k0 += 32) {
+            __m512i R[16];
+            for (int j = 0; j < 16; j++) R[j] = _mm512_loadu_si512(base + (k0 + 2 * j) * 32);
+            for (int t = 0; t < 4; t++) {
+                const __m512i il = _mm512_loadu_si512(lo[t]), ih = _mm512_loadu_si512(hi[t]);
+                int p = 1 << (3 - t);
+                for (int j = 0; j < 16; j++) {
+                    if (j & p) continue;
+                    __m512i a = R[j], b = R[j | p];
+                    R[j] = _mm512_permutex2var_epi8(a, il, b);
+                    R[j | p] = _mm512_permutex2var_epi8(a, ih, b);
                 }
-                uint16_t *dst = out + k * N + blk * 64;
-                _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
-                _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+            }
+            long g = k0 / G;
+            for (int i = 0; i < 16; i++) {
+                __m512i v = _mm512_permutexvar_epi8(order, R[i]);         /* rows 2i, 2i + 1: 32 columns each */
+                __m512i nib[2] = {_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)};
+                for (int h = 0; h < 2; h++)
+                    for (int half = 0; half < 2; half++) {
+                        long n = blk * 64 + 32 * h + 2 * i + half;
+                        __m256i bytes = half ? _mm512_extracti64x4_epi64(nib[h], 1) : _mm512_castsi512_si256(nib[h]);
+                        __m512 s = _mm512_set1_ps(load_at(sz, sz_bf16, (g * N + n) * 2));
+                        __m512 z = _mm512_set1_ps(load_at(sz, sz_bf16, (g * N + n) * 2 + 1));
+                        __m512 w0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes))), eight);
+                        __m512 w1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1))), eight);
+                        w0 = _mm512_add_ps(_mm512_mul_ps(w0, s), z);
+                        w1 = _mm512_add_ps(_mm512_mul_ps(w1, s), z);
+                        _mm512_storeu_si512(out + n * K + k0, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+                    }
             }
         }
     }
@@ -763,7 +792,7 @@ def _library() -> ctypes.CDLL | None:
     dll.gemv_bf16.argtypes = [p, p, p, i64, i64, i32]
     dll.gemv_w8a8.argtypes = [p, p, p, p, i64, i64, i64, p, p, i32]
     dll.gemv_int4.argtypes = [p, p, p, i32, p, i64, i64, i64, i64, p, p, p, i32]
-    dll.dequantize_int4_t.argtypes = [p, p, i32, p, i64, i64, i64, i64, i32]
+    dll.dequantize_int4.argtypes = [p, p, i32, p, i64, i64, i64, i64, i32]
     f32 = ctypes.c_float
     dll.attend_one_row.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, i64, f32, f32, p, i32]
     dll.rms_norm_rows.argtypes = [p, i32, p, i32, p, i64, i64, f32]
@@ -826,16 +855,16 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     return y
 
 
-def dequantize_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int, out: torch.Tensor) -> bool:
-    """Write the int4 weight in torch's CPU packing (as gemv_int4 takes it), transposed and in bf16, to out (K, N):
-    out[k, n] = (q - 8) · scale + zero, equal bit for bit to cpu_kernels.dequantize_int4's. False, with out untouched,
-    where no kernel takes it: no build, no AVX-512 BF16, blocks not of 64 rows."""
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int, out: torch.Tensor) -> bool:
+    """Write the int4 weight in torch's CPU packing (as gemv_int4 takes it) in bf16 to out (N, K): out[n, k] = (q - 8) ·
+    scale + zero, equal bit for bit to cpu_kernels.dequantize_int4's. False, with out untouched, where no kernel takes
+    it: no build, no AVX-512 VBMI and BF16, blocks not of 64 rows, K or the group not a multiple of 32."""
     lib = _library()
     N, K, G, sz = _int4_shapes(packed, scales_and_zeros)
-    if lib is None or out.dtype != torch.bfloat16 or out.shape != (K, N) or not out.is_contiguous():
+    if lib is None or out.dtype != torch.bfloat16 or out.shape != (N, K) or not out.is_contiguous():
         return False
-    return bool(lib.dequantize_int4_t(packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
-                                      out.data_ptr(), N, K, G, block, torch.get_num_threads()))
+    return bool(lib.dequantize_int4(packed.contiguous().data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16),
+                                    out.data_ptr(), N, K, G, block, torch.get_num_threads()))
 
 
 def _int4_shapes(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
