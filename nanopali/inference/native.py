@@ -253,6 +253,10 @@ extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, 
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
             long k = 0;
             for (; k + 64 <= K; k += 64) {  /* two accumulators, alternating: two fused multiply-add chains */
+                /* 8 KiB ahead in the stream (rows are contiguous): 36 -> 40 and 51 -> 57 GB/s from memory on Zen 5
+                   (2 threads, A/B); 2 KiB gained nothing, 12-32 KiB the same as 8. The bf16 and int4 loops gain
+                   nothing from more than they have. */
+                _mm_prefetch((const char *)(r + k) + 8192, _MM_HINT_T0);
                 __m512i xv = _mm512_loadu_si512(xq + k), wv = _mm512_loadu_si512(r + k);
                 __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
                 __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(xv), sw);
