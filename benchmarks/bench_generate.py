@@ -17,8 +17,8 @@ default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_g
 llamacpp-q4_0): llama.cpp on the checkpoint's language model converted to GGUF once (benchmarks/llamacpp.py;
 optional: pip install llama-cpp-python gguf), timed by its own counters on a prompt of the same length; it has
 no vision tower, so the table also gives every nanopali variant's prefill of that text-only prompt. With several
---rounds each round's nanopali / llama.cpp decode ratio is printed too; benchmarks/bench_paired.py runs the two in
-one process, alternating blocks of steps, for a ratio the host's minute-to-minute swings do not move.
+--rounds each round's nanopali / llama.cpp decode ratio is printed too; benchmarks/bench_paired.py keeps the two
+loaded side by side and alternates blocks of steps, for a ratio the host's minute-to-minute swings do not move.
 
 Both frameworks load the same checkpoint directory (any size: image tokens and image size come from
 its config.json) and get the same inputs: B rows of <image> x N, <bos>, 10 random text ids, "\\n",

@@ -380,6 +380,8 @@ def test_native_layer_refuses_bad_slots_and_attends_to_nothing_as_nan(bf16_model
     prepare(model, force_path="native")
     layer = model.decoder.layers[0]
     spec = layer.native_spec()
+    held = {t.data_ptr() for t in spec.tensors}  # every pointer the C struct holds points into a tensor it keeps
+    assert {p for w in spec.proj for p in (w.w, w.scale, w.sz) if p} | {p for p in spec.norm if p} <= held
     text = model.config.text_config
     from nanopali.inference.kv_cache import KVCache
     from nanopali.nn.rope import rope

@@ -517,8 +517,7 @@ class FastDecoderLayer(GemmaDecoderLayer):
         self.post_norms, self.kernels = layer.post_norms, kernels
         for name, child in layer.named_children():
             setattr(self, name, child)
-        self._spec: native.Layer | None = None
-        self._tensors: list[torch.Tensor] = []   # what the spec points into, kept alive with it
+        self._spec: native.Layer | None = None   # holds what it points into (native.layer)
         self._cache = lambda: None               # a weak reference to the KV cache the spec was made for
 
     def native_spec(self) -> native.Layer | None:
@@ -534,8 +533,6 @@ class FastDecoderLayer(GemmaDecoderLayer):
         if None in weights:
             return None
         norms = [None if n is None else n.weight.detach() for n in norms]
-        self._tensors = [t for m in projections for t in m.buffers()] + [p for m in projections for p in m.parameters()]
-        self._tensors += [n for n in norms if n is not None]
         return native.layer(weights, norms, attn.heads, attn.kv_heads, attn.head_dim, self.input_layernorm.eps,
                             attn.scale, attn.softcap)
 

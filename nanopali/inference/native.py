@@ -24,7 +24,7 @@ does them (BENCHMARKS.md measures them against torch's kernels and llama.cpp):
   and GeGLU, all in fp32 and rounded once (cpu_kernels.CpuKernels.attention / rms_norm / gelu choose them).
 - a whole dense decoder layer's decode step for one row (decode_layer): the norms, the seven products of any of
   the three kinds, RoPE, the cache write, attention and GeGLU in one call, rounded to bf16 where the per-op path
-  rounds, so its result is that path's bit for bit; Python's ~20 calls a layer cost 4-5 ms a step of the 3B.
+  rounds, so its result is that path's bit for bit; Python's ~20 calls a layer cost 4-6 ms a step of the 3B.
 Rows are split between torch's OpenMP threads (the library links the libgomp torch loaded). It builds once per
 source, compiler and processor into ~/.cache/nanopali (or $NANOPALI_CACHE) with the C++ compiler torch's
 inductor uses (`cpp_kernels.py`'s loop needs one too) and `-march=native`; if that fails, `available()` is False,
@@ -936,14 +936,15 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
 
 class Weight(ctypes.Structure):
     """One product's weight for decode_layer (the C struct of the same name): see bf16_weight / int8_weight /
-    int4_weight."""
+    int4_weight. `tensors` holds what its pointers point into, alive as long as it is."""
     _fields_ = [("kind", ctypes.c_long), ("N", ctypes.c_long), ("K", ctypes.c_long), ("G", ctypes.c_long),
                 ("B", ctypes.c_long), ("sz_bf16", ctypes.c_long), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("sz", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
-    """One dense decoder layer for decode_layer: its seven weights, four norms (NULL where Gemma 1 has none) and sizes."""
+    """One dense decoder layer for decode_layer: its seven weights, four norms (NULL where Gemma 1 has none) and sizes;
+    `tensors` keeps every tensor it points into alive (the C array holds copies of the Weights, not the Python objects)."""
     _fields_ = [("proj", Weight * 7), ("norm", ctypes.c_void_p * 4), ("norm_bf16", ctypes.c_long * 4),
                 ("D", ctypes.c_long), ("H", ctypes.c_long), ("KV", ctypes.c_long), ("Dh", ctypes.c_long),
                 ("I", ctypes.c_long), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
@@ -953,7 +954,7 @@ def bf16_weight(weight: torch.Tensor) -> Weight | None:
     """A bf16 (N, K) weight as decode_layer reads it (gemv's kernel); None where that kernel does not take it."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
         return None
-    return Weight(0, *weight.shape, 0, 0, 0, weight.data_ptr(), None, None)
+    return _holding(Weight(0, *weight.shape, 0, 0, 0, weight.data_ptr(), None, None), weight)
 
 
 def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> Weight | None:
@@ -962,16 +963,22 @@ def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> Weight | None:
     if (weight.dtype != torch.int8 or K % BLOCK or not weight.is_contiguous() or weight.device.type != "cpu"
             or scale.dtype != torch.float32 or scale.shape != (N,) or not scale.is_contiguous()):
         return None
-    return Weight(1, N, K, 0, 0, 0, weight.data_ptr(), scale.data_ptr(), None)
+    return _holding(Weight(1, N, K, 0, 0, 0, weight.data_ptr(), scale.data_ptr(), None), weight, scale)
 
 
 def int4_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int) -> Weight | None:
     """A packed int4 weight (as gemv_int4 takes it) for decode_layer; None where gemv_int4 would not take it."""
     N, K, G, sz = _int4_shapes(packed, scales_and_zeros)
-    if (K % BLOCK or G % BLOCK or block % 32 or packed.device.type != "cpu" or not packed.is_contiguous()
-            or sz.data_ptr() != scales_and_zeros.data_ptr()):  # the kernel must read the module's own tensors
+    if K % BLOCK or G % BLOCK or block % 32 or packed.device.type != "cpu" or not packed.is_contiguous():
         return None
-    return Weight(2, N, K, G, block, int(sz.dtype == torch.bfloat16), packed.data_ptr(), None, sz.data_ptr())
+    return _holding(Weight(2, N, K, G, block, int(sz.dtype == torch.bfloat16), packed.data_ptr(), None, sz.data_ptr()),
+                    packed, sz)
+
+
+def _holding(struct: ctypes.Structure, *tensors: torch.Tensor) -> ctypes.Structure:
+    """struct, keeping `tensors` (what its pointers point into) alive with it."""
+    struct.tensors = tensors
+    return struct
 
 
 def layer(weights: list[Weight], norms: list[torch.Tensor | None], heads: int, kv_heads: int, head_dim: int, eps: float,
@@ -985,17 +992,18 @@ def layer(weights: list[Weight], norms: list[torch.Tensor | None], heads: int, k
     if ([(w.N, w.K) for w in weights] != shapes or head_dim % 2 or heads % kv_heads
             or any(n is not None and (n.dtype not in FLOATS or n.shape != (D,) or not n.is_contiguous()) for n in norms)):
         return None
-    return Layer((Weight * 7)(*weights), (ctypes.c_void_p * 4)(*[None if n is None else n.data_ptr() for n in norms]),
+    spec = Layer((Weight * 7)(*weights), (ctypes.c_void_p * 4)(*[None if n is None else n.data_ptr() for n in norms]),
                  (ctypes.c_long * 4)(*[int(n is not None and n.dtype == torch.bfloat16) for n in norms]),
                  D, heads, kv_heads, head_dim, I, eps, scale, softcap or 0.0)
+    return _holding(spec, *[t for w in weights for t in w.tensors], *[n for n in norms if n is not None])
 
 
 def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """One decode step of a dense decoder layer for one row, as one call: x (1, 1, D) bf16 -> (1, 1, D) bf16, writing
     the row's k and v at cache slot slots[0] of this layer's caches (1, KV, S, Dh) bf16; cos, sin (1, 1, 1, Dh) bf16
-    and the bool mask (1, 1, 1, S). The tensors in `spec` must be alive and unchanged. None where it does not apply
-    (no build, other dtypes or shapes)."""
+    and the bool mask (1, 1, 1, S). `spec` (native.layer's) reads its weights as they were when it was made. None
+    where it does not apply (no build, other dtypes or shapes)."""
     lib = _library()
     S, Dh = k_cache.shape[-2:]
     if (lib is None or x.dtype != torch.bfloat16 or x.numel() != spec.D or k_cache.dtype != torch.bfloat16
