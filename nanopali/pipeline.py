@@ -32,7 +32,7 @@ from nanopali.inference.batching import Row, RowBatch, check_row
 from nanopali.inference.generate import tokenizer_settings
 from nanopali.inference.options import GenerationOptions
 from nanopali.inference.quantize import load_quantized
-from nanopali.inference.runtime import Runtime, prepare
+from nanopali.inference.runtime import Runtime, check_compile, prepare
 from nanopali.inference.streaming import stream
 from nanopali.inputs.images import DEFAULT_MAX_PIXELS, load_image
 from nanopali.inputs.processor import Processor
@@ -75,7 +75,7 @@ class Objects(list):
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
          vae: str | Path | None = None, progress: bool = False, quantize: str | None = None, fast: bool = True,
-         config=None, tokenizer: str | Path | None = None) -> "Pali":
+         config=None, tokenizer: str | Path | None = None, compile: bool = False) -> "Pali":
     """Load a checkpoint directory (weights, config, tokenizer; `vae-oid.npz` beside them for segment), or a
     big_vision release .npz with `config=` (a published size such as "paligemma-3b-224", a config.json or a
     PaliGemmaConfig) and `tokenizer=` (big_vision's paligemma_tokenizer.model; default: that file beside the npz).
@@ -85,11 +85,13 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
     quantize="int8"/"int4" quantizes the decoder (inference/quantize.py), as it is read from a checkpoint directory
     (a big_vision .npz: after loading). fast=False keeps the plain decode
     step everywhere (no compiled CPU kernel, no CUDA graph), for debugging (inference/runtime.prepare).
+    compile=True runs the decode step through torch.compile (a GPU's opt-in; inference/compiled.py).
     `dtype` may be named ("bfloat16", "bf16", "float32"…); `device`, `dtype`, the config and the tokenizer are
     checked before the weights are read: "cuda" without a GPU torch can see, a misspelt device or a non-float
     dtype is a UsageError.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    check_compile(compile, device, fast)
     if big_vision.is_npz(path):
         big_vision.check_file(path)  # the file, then the config, then the tokenizer: all before the weights
         config = resolve_config(config)
@@ -107,7 +109,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str = torch.float3
         else:  # quantized as it is read: never the float decoder in memory
             model = load_quantized(folder, quantize, dtype=dtype, device=device, progress=progress)
         processor = Processor.from_pretrained(folder)
-    runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast)
+    runtime = prepare(model, quantize=quantize, cpu_kernels=fast, cuda_graphs=fast, compile=compile)
     vae_file = Path(vae) if vae is not None else folder / VAE_FILE if (folder / VAE_FILE).is_file() else None
     return Pali(model, processor, SegmentationVAE.from_npz(vae_file) if vae_file else None, model_dir=folder,
                 runtime=runtime)

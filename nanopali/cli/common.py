@@ -44,8 +44,11 @@ def model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vae", help="mask VQ-VAE (vae-oid.npz) for segment; default: next to the model")
     parser.add_argument("--quantize", choices=list(MODES), help="quantize the decoder weights after loading (faster decoding; int4 is coarser)")
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                        help="fast.py's CPU kernels (measured one-row products, fused gelu/RMSNorm), CUDA-graph "
+                        help="the CPU kernels (measured one-row products, fused gelu/RMSNorm), CUDA-graph "
                              "decode step (GPU); --no-fast: none of them, plain PyTorch (for debugging)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the decode step through torch.compile (for a GPU: fused kernels in the CUDA graph; "
+                             "the first answer waits for the compilation, seconds to a minute)")
     return parser
 
 
@@ -124,4 +127,4 @@ def load(args):
 
     return load(args.model, dtype=getattr(torch, args.dtype), device=args.device, vae=args.vae,
                 progress=sys.stderr.isatty(), quantize=args.quantize, fast=args.fast, config=args.config,
-                tokenizer=args.tokenizer)
+                tokenizer=args.tokenizer, compile=args.compile)

@@ -6,7 +6,8 @@
 The prefix (image + <bos> + prompt + "\\n") is run once with bidirectional prefix attention; every
 generated token is a causal suffix token. All masks come from nn.masks.prefix_lm_mask over the cache
 slots, so the decode step has static shapes (B, 1, 1, S): on CUDA it is replayed as a CUDA graph
-(cuda_graph.py), on CPU it runs on the path the runtime's kernels chose (runtime.py). Padding may be on
+(cuda_graph.py), compiled first if the runtime says so (compiled.py), on CPU it runs on the path the runtime's
+kernels chose (runtime.py). Padding may be on
 either side: the first new token is predicted from each row's last real token and positions count real
 tokens only. Strategies (greedy, sampling, beams) live in generate.py / beam.py.
 """
@@ -49,13 +50,14 @@ class DecodeState:
         masks = {w: prefix_lm_mask(self.kv_valid, self.kv_prefix, self.kv_pos, slots, w) for w in model.decoder.windows}
         inputs = (tokens, self.positions, masks, slots)
         graphed = self.cuda_graph and not torch.is_grad_enabled()  # a graph replays no autograd history
+        run = self.runtime.step_function(decode_step)  # decode_step, or compiled (runtime.compile)
         if graphed and self.graph is None:
-            self.graph = capture(self.runtime, lambda *args: decode_step(model, self.cache, *args), *inputs)
+            self.graph = capture(self.runtime, lambda *args: run(model, self.cache, *args), *inputs)
             self.cuda_graph = self.graph is not None
         if graphed and self.graph is not None:
             logits = self.graph(*inputs)
         else:
-            logits = self.runtime.run_step(lambda: decode_step(model, self.cache, *inputs))
+            logits = self.runtime.run_step(lambda: run(model, self.cache, *inputs))
         self.positions = self.positions + 1
         self.slot += 1
         return logits

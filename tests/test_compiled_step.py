@@ -1,0 +1,138 @@
+"""The decode step through torch.compile (inference/compiled.py): the eager step's logits and tokens, compiled once
+per shape family, and refused or given up where it cannot run.
+
+On the CPU, Inductor compiles the plain modules (cpu_kernels=False), which checks that the whole step traces as one
+graph (fullgraph=True) and computes what the eager step does; the CUDA tests, where torch sees a GPU, check the
+compiled step inside a CUDA graph, in bf16 and with int8 weights.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_cuda_graphs import prompts, teacher_forced, tiny_model
+from torch._dynamo.utils import counters
+
+import nanopali
+from nanopali import generate
+from nanopali.errors import UsageError
+from nanopali.inference import compiled
+from nanopali.inference.decode import decode_step
+from nanopali.inference.runtime import Runtime, prepare
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    return counters["stats"]["unique_graphs"]
+
+
+def compiled_runtime(model, **kwargs) -> Runtime:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile that fails warns: fail the test instead
+        return prepare(model, cpu_kernels=False, compile=True, **kwargs)
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+def test_compiled_steps_equal_eager_steps(generation):
+    model, inputs = tiny_model(generation), prompts(2)
+    eager, tokens, _ = teacher_forced(model, inputs, steps=8)
+    runtime, before = compiled_runtime(model), graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, _, _ = teacher_forced(model, inputs, steps=8, tokens=tokens, runtime=runtime)
+    assert graphs() > before, "the step did not go through torch.compile"
+    assert not runtime.compiled[decode_step].failed
+    err, scale = (got - eager).abs().max(), eager.abs().max()
+    assert err <= 1e-5 * scale, f"the compiled step's logits differ by {err:.3g} (scale {scale:.3g})"
+    assert torch.equal(got.argmax(-1), eager.argmax(-1))
+
+
+def test_compiled_generate_equals_eager_and_reuses_its_compilation():
+    """Greedy and beam search give the eager tokens; a second length or model of the same config compiles at most
+    once more (the cache length becomes dynamic), and nothing after that compiles again."""
+    model, inputs = tiny_model(2), prompts(2)
+    other = copy.deepcopy(model)
+    want = {n: generate(model, **inputs, max_new_tokens=n, eos_token_id=[]) for n in (6, 9, 12)}
+    beams = generate(model, **inputs, max_new_tokens=5, num_beams=2)
+    runtime = compiled_runtime(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(generate(model, **inputs, max_new_tokens=6, eos_token_id=[], runtime=runtime), want[6])
+        assert torch.equal(generate(model, **inputs, max_new_tokens=9, eos_token_id=[], runtime=runtime), want[9])
+        settled = graphs()
+        assert torch.equal(generate(model, **inputs, max_new_tokens=12, eos_token_id=[], runtime=runtime), want[12])
+        assert torch.equal(generate(other, **inputs, max_new_tokens=12, eos_token_id=[], runtime=compiled_runtime(other)),
+                           want[12])
+        assert graphs() == settled, "a third cache length or a second model of the same config compiled again"
+        assert torch.equal(generate(model, **inputs, max_new_tokens=5, num_beams=2, runtime=runtime), beams)
+    assert list(runtime.compiled) == [decode_step]
+    assert len(set(want[12].flatten().tolist())) > 2, "the test model should not repeat one token"
+
+
+def test_compiled_int8_step_equals_the_eager_int8_step():
+    """The int8 modules trace too (on a GPU this is where the compiled step reads int8 weights without a bf16 copy)."""
+    model, inputs = tiny_model(1), prompts(2)
+    eager_model = copy.deepcopy(model)
+    want = generate(eager_model, **inputs, max_new_tokens=8, eos_token_id=[],
+                    runtime=prepare(eager_model, quantize="int8", cpu_kernels=False, cuda_graphs=False))
+    runtime, before = compiled_runtime(model, quantize="int8"), graphs()
+    got = generate(model, **inputs, max_new_tokens=8, eos_token_id=[], runtime=runtime)
+    assert graphs() > before and not runtime.compiled[decode_step].failed
+    assert torch.equal(got, want)
+
+
+def test_a_step_that_fails_to_compile_runs_eagerly_with_one_warning(monkeypatch):
+    calls = []
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("InductorError: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", broken)
+    model, inputs = tiny_model(1), prompts(2)
+    want, tokens, _ = teacher_forced(model, inputs, steps=4)
+    runtime = prepare(model, cpu_kernels=False, compile=True)
+    with pytest.warns(RuntimeWarning, match="compiling the decode step failed .*no C\\+\\+ compiler"):
+        got, _, _ = teacher_forced(model, inputs, steps=4, tokens=tokens, runtime=runtime)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and no second try
+        again, _, _ = teacher_forced(model, inputs, steps=4, tokens=tokens, runtime=runtime)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_compile_on_the_cpu_needs_the_cpu_kernels_off():
+    model = tiny_model(1)
+    with pytest.raises(UsageError, match="compile=True on the CPU .* cpu_kernels=False"):
+        prepare(model, compile=True)
+    with pytest.raises(UsageError, match="compile=True on the CPU"):  # before any file is looked for
+        nanopali.load("no/such/checkpoint", compile=True)
+    assert not prepare(model).compile, "compile should be off by default"
+
+
+@cuda
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_cuda_compiled_graph_steps_equal_eager_steps(quantize):
+    model, inputs = tiny_model(2, torch.bfloat16, "cuda"), prompts(2, "cuda", torch.bfloat16)
+    eager_model = copy.deepcopy(model)
+    eager, tokens, _ = teacher_forced(eager_model, inputs, steps=10,
+                                      runtime=prepare(eager_model, quantize=quantize, cuda_graphs=False))
+    runtime = prepare(model, quantize=quantize, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, _, state = teacher_forced(model, inputs, steps=10, tokens=tokens, runtime=runtime)
+    messages = [str(w.message) for w in caught]
+    assert state.graph is not None and not runtime.compiled[decode_step].failed, messages
+    err, scale = (got - eager).abs().max(), eager.abs().max()
+    assert err <= 2e-2 * scale, f"the compiled graph's logits differ by {err:.3g} (scale {scale:.3g})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        first = generate(model, **inputs, max_new_tokens=8, eos_token_id=[], runtime=runtime)
+        second = generate(model, **inputs, max_new_tokens=8, eos_token_id=[], runtime=runtime)
+    assert torch.equal(first, second)
