@@ -12,8 +12,10 @@ hand-written kernels forced), nanopali-loop (the compiled loop forced, the defau
 was measured), nanopali-plain (fast=False: plain PyTorch, F.linear everywhere), nanopali-int8
 (quantize="int8"), nanopali-int4
 (quantize="int4": group-wise int4 decoder layers, int8 head), transformers. With --device cuda the
-default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_graph.py), nanopali-eager
-(cuda_graphs=False: the same step run eagerly) and transformers. llamacpp (= llamacpp-bf16, llamacpp-q8_0,
+default is nanopali (each decode step replayed as a CUDA graph, inference/cuda_graph.py), nanopali-compile
+(compile=True: the step through torch.compile, then replayed as a CUDA graph; inference/compiled.py; its warm-up
+run compiles), nanopali-eager (cuda_graphs=False: the step run eagerly), nanopali-compile-int8 (int8 weights,
+compiled step) and transformers. llamacpp (= llamacpp-bf16, llamacpp-q8_0,
 llamacpp-q4_0): llama.cpp on the checkpoint's language model converted to GGUF once (benchmarks/llamacpp.py;
 optional: pip install llama-cpp-python gguf), timed by its own counters on a prompt of the same length; it has
 no vision tower, so the table also gives every nanopali variant's prefill of that text-only prompt. With several
@@ -70,9 +72,9 @@ NEWLINE = 108       # "\n" in the Gemma tokenizer
 QUICK_DIR = Path(tempfile.gettempdir()) / "nanopali-bench-quick"
 LLAMACPP = ("llamacpp-bf16", "llamacpp-q8_0", "llamacpp-q4_0")
 FRAMEWORKS = ("nanopali", "nanopali-native", "nanopali-loop", "nanopali-plain", "nanopali-int8", "nanopali-int4", "nanopali-eager",
-              "transformers", *LLAMACPP)
+              "nanopali-compile", "nanopali-compile-int8", "transformers", *LLAMACPP)
 DEFAULT_FRAMEWORKS = {"cpu": ("nanopali", "nanopali-plain", "nanopali-int8", "nanopali-int4", "transformers"),
-                      "cuda": ("nanopali", "nanopali-eager", "transformers")}
+                      "cuda": ("nanopali", "nanopali-compile", "nanopali-eager", "nanopali-compile-int8", "transformers")}
 
 
 # ---------------------------------------------------------------- worker: one framework per process
@@ -110,7 +112,7 @@ def make_inputs(config, batch: int, dtype: torch.dtype, seed: int = 0, device: s
 
 class NanoPali:
     def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", fast: bool = True, quantize: str | None = None,
-                 cuda_graphs: bool = True, one_row: str | None = None):
+                 cuda_graphs: bool = True, one_row: str | None = None, compile: bool = False):
         from nanopali import PaliGemma, prepare
         from nanopali.inference.quantize import load_quantized
         if quantize is None:
@@ -118,7 +120,8 @@ class NanoPali:
         else:  # quantized as it is read, as nanopali.load and the CLI do
             self.model = load_quantized(path, quantize, dtype=dtype, device=device)
         # one_row None: measure which one-row path is faster (the default)
-        self.runtime = prepare(self.model, quantize=quantize, cpu_kernels=fast, cuda_graphs=cuda_graphs, force_path=one_row)
+        self.runtime = prepare(self.model, quantize=quantize, cpu_kernels=fast, cuda_graphs=cuda_graphs, force_path=one_row,
+                               compile=compile)
         self.attention = "torch SDPA (explicit softmax where Gemma 2 soft-caps)"
 
     def prefill(self, inputs, new_tokens: int):
@@ -223,7 +226,7 @@ def llamacpp_worker(args) -> dict:
         decode_tok_s=n / (statistics.median(decode_ms) / 1000), decode_best_tok_s=n / (min(decode_ms) / 1000),
         generate_s=statistics.median(r["wall_s"][timed_runs]), other_load_pct=100 * max(busy[timed_runs]),
         rss_after_load_gib=nan, peak_rss_gib=peak_rss_gib(), ms_per_step=statistics.median(decode_ms) / n,
-        first_step_ms=nan, later_steps_tok_s=nan, gpu_after_load_gib=0.0, peak_gpu_gib=0.0, cuda_graph=False,
+        first_step_ms=nan, later_steps_tok_s=nan, gpu_after_load_gib=0.0, peak_gpu_gib=0.0, cuda_graph=False, compiled=False,
         tokens=r["tokens"], one_row=None)
 
 
@@ -241,6 +244,10 @@ def worker(args) -> dict:
             "nanopali-int8": lambda p, d, dev: NanoPali(p, d, dev, quantize="int8"),
             "nanopali-int4": lambda p, d, dev: NanoPali(p, d, dev, quantize="int4"),
             "nanopali-eager": lambda p, d, dev: NanoPali(p, d, dev, cuda_graphs=False),
+            # on the CPU: the plain modules compiled (the CPU kernels cannot be; runtime.check_compile)
+            "nanopali-compile": lambda p, d, dev: NanoPali(p, d, dev, compile=True, fast=dev != "cpu"),
+            "nanopali-compile-int8": lambda p, d, dev: NanoPali(p, d, dev, quantize="int8", compile=True,
+                                                                fast=dev != "cpu"),
             "transformers": Transformers}[args.worker]
     fw, load_s = timed(make, args.model, dtype, args.device)
     rss_after_load, gpu_after_load = peak_rss_gib(), peak_gpu_gib()
@@ -290,7 +297,10 @@ def worker(args) -> dict:
         gpu_after_load_gib=gpu_after_load, peak_gpu_gib=peak_gpu_gib(),
         cuda_graph=getattr(state, "graph", None) is not None,  # nanopali's last decode replayed a CUDA graph
         tokens=torch.stack(tokens, 1)[0].tolist(),
-        one_row=one_row_path(fw.runtime.kernels) if args.worker.startswith("nanopali") and args.device == "cpu" else None,
+        # a compiled step that failed runs eagerly (with a warning): say so beside its numbers
+        compiled=any(not step.failed for step in fw.runtime.compiled.values()) if hasattr(fw, "runtime") else False,
+        one_row=(one_row_path(fw.runtime.kernels) if args.worker.startswith("nanopali") and args.device == "cpu"
+                 and fw.runtime.kernels.enabled else None),
     )
 
 
@@ -460,8 +470,8 @@ def report(results: dict[str, dict], weight_gib: float, args) -> str:
     lines += [f"{n} one-row decode products: {results[n]['one_row']}" for n in names
               if results[n].get("one_row") and n != "nanopali-plain"]
     if args.device == "cuda":
-        lines += [f"{n} decode step: {'CUDA graph replay' if results[n]['cuda_graph'] else 'eager'}"
-                  for n in names if n.startswith("nanopali")]
+        lines += [f"{n} decode step: {('compiled, ' if results[n]['compiled'] else 'COMPILE FAILED, ') if 'compile' in n else ''}"
+                  f"{'CUDA graph replay' if results[n]['cuda_graph'] else 'eager'}" for n in names if n.startswith("nanopali")]
     return "\n".join(lines)
 
 
