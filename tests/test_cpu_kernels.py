@@ -1,6 +1,7 @@
 """The CPU kernels (inference/cpu_kernels.py): equal to F.linear, used where they should be, invisible elsewhere."""
 
 import copy
+import io
 import time
 
 import pytest
@@ -533,3 +534,33 @@ def test_only_large_decoders_time_their_steps(bf16_model):
         with torch.no_grad():  # nor fused elementwise ops, even on a tensor past the threshold (a batched prefill)
             x = torch.randn(cpu_kernels.ELEMENTWISE_MIN, dtype=torch.bfloat16)
             assert torch.equal(kernels.gelu(x), gelu_tanh(x)) and not kernels._compiled
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_prepared_model_deep_copies_and_pickles(bf16_model, quantize):
+    """copy.deepcopy and torch.save / torch.load of a prepared model give the same logits under the runtime that
+    prepared it; the copy shares that runtime's kernels and makes its own native layer specs, so its weights, not
+    the original's, are what it reads (doubling a copy's weight changes its logits alone)."""
+    model, cfg = bf16_model
+    model = copy.deepcopy(model)
+    runtime = prepare(model, quantize=quantize, force_path="native")
+    runtime.kernels.chooser.measure = True
+    inputs = {k: v[:1] for k, v in batch(cfg).items()}
+    with torch.no_grad():
+        want = forced_logits(model, inputs, runtime)  # the original's layers now hold specs
+        twin = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (twin, loaded):
+            assert all(layer._spec is None for layer in other.decoder.layers), "a copy kept the original's spec"
+            assert torch.equal(forced_logits(other, inputs, runtime), want)
+        assert twin.decoder.layers[0].kernels is runtime.kernels
+        layer = twin.decoder.layers[0].self_attn.q_proj  # (Gemma 2 normalizes a scaled down_proj away)
+        if quantize is None:
+            layer.weight.mul_(2)
+        else:
+            layer.scale.mul_(2)
+        assert not torch.equal(forced_logits(twin, inputs, runtime), want)
+        assert torch.equal(forced_logits(model, inputs, runtime), want)

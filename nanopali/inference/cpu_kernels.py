@@ -205,6 +205,19 @@ class CpuKernels:
         self._compiled: dict[tuple, object] = {}
         self._local = threading.local()
 
+    def __deepcopy__(self, memo) -> "CpuKernels":
+        """Shared, not copied: a deep copy of a prepared model computes with the kernels (and under the path) of the
+        runtime that prepared it."""
+        return self
+
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of a whole model) without the compiled functions and per-thread buffers, which are
+        remade on first use."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_compiled", "_local")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _compiled={}, _local=threading.local())
+
     # ---------------------------------------------------------------- plumbing
 
     @contextmanager
@@ -502,6 +515,11 @@ class FastExperts(nn.Module):
         return dispatch(x, experts, weights, self.num_experts, expert)
 
 
+def _no_cache() -> None:
+    """What FastDecoderLayer's weak reference to a KV cache gives before its first decode step."""
+    return None
+
+
 class FastDecoderLayer(GemmaDecoderLayer):
     """A GemmaDecoderLayer with the same modules (so the same parameters and state-dict keys) whose decode step of
     one row, in a large model on the native path, is one native.decode_layer call: the seven products and the glue
@@ -518,7 +536,11 @@ class FastDecoderLayer(GemmaDecoderLayer):
         for name, child in layer.named_children():
             setattr(self, name, child)
         self._spec: native.Layer | None = None   # holds what it points into (native.layer)
-        self._cache = lambda: None               # a weak reference to the KV cache the spec was made for
+        self._cache = _no_cache                  # a weak reference to the KV cache the spec was made for
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle makes its own spec at its first step: this one points into the original's weights."""
+        return {**self.__dict__, "_spec": None, "_cache": _no_cache}
 
     def native_spec(self) -> native.Layer | None:
         """The native.Layer of this layer's current modules and weights, or None where one of them has no kernel."""
