@@ -9,15 +9,13 @@ which the test compares in the parent with the one-process loss and gradients of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip_reference import open_clip_loss
+from torchrun import run_torchrun
 
 from nanopali.nn.contrastive import CLIP_INIT, SIGLIP_INIT, clip_loss, siglip_loss
 from nanopali.train.losses import gathered_clip_loss, ring_siglip_loss
@@ -121,13 +119,7 @@ def run_processes(tmp_path: Path, world: int, params: dict) -> list[dict]:
     data.write_text(json.dumps({"image": image.tolist(), "text": text.tolist(), "params": params}))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone", str(script),
-           str(data), str(ROOT / "tests")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
+    run_torchrun(tmp_path, script, str(data), str(ROOT / "tests"), processes=world)
     return [json.loads(Path(f"{data}.{r}.json").read_text()) for r in range(world)]
 
 

@@ -9,20 +9,17 @@ and gradient norm, which are compared too (Adam alone would hide a constant fact
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_train import assert_same_training, base, data, weights  # noqa: F401  (base, data are fixtures)
+from torchrun import run_torchrun
 
 from nanopali.train import TrainConfig, fit
 from nanopali.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 SCRIPT = """\
 import json, sys
@@ -40,11 +37,7 @@ def torchrun(tmp_path: Path, config: dict) -> Path:
     """Run fit(TrainConfig(**config)) in 2 processes (gloo on CPU); return the run directory."""
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), json.dumps(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
+    run_torchrun(tmp_path, script, json.dumps(config))
     return Path(config["out"])
 
 
