@@ -107,6 +107,7 @@ def test_train_from_the_command_line(model, image, tmp_path):
     (["caption", "{image}", "--model", "{missing_dir}"], "no-model"),
     (["segment", "{image}", "cat", "--model", "{model}", "--vae", "{missing_vae}"], "vae.npz"),
     (["train", "--data", "x.jsonl"], "train needs --model"),
+    (["caption", "{image}", "--model", "{model}", "--compile"], "compile=True on the CPU"),
 ])
 def test_user_mistakes_are_one_line_without_traceback(model, image, tmp_path, args, message):
     values = dict(model=model, image=image, missing=tmp_path / "nope.jpg", missing_dir=tmp_path / "no-model",

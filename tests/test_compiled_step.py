@@ -9,9 +9,12 @@ compiled step inside a CUDA graph, in bf16 and with int8 weights.
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_cuda_graphs import prompts, teacher_forced, tiny_model
+from tiny_checkpoint import write_tiny_checkpoint
 from torch._dynamo.utils import counters
 
 import nanopali
@@ -105,6 +108,19 @@ def test_a_step_that_fails_to_compile_runs_eagerly_with_one_warning(monkeypatch)
     assert len(calls) == 1
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_the_pipeline_passes_compile_to_its_runtime(tmp_path):
+    """nanopali.load(compile=True) (the CLI's --compile) answers with the compiled step, as the eager one does."""
+    path = write_tiny_checkpoint(tmp_path, generation=2)
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    eager = nanopali.load(path, fast=False)
+    pali, before = nanopali.load(path, fast=False, compile=True), graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = pali.caption(Image.fromarray(image), max_new_tokens=6)
+    assert pali.runtime.compile and graphs() > before
+    assert got == eager.caption(Image.fromarray(image), max_new_tokens=6)
 
 
 def test_compile_on_the_cpu_needs_the_cpu_kernels_off():
