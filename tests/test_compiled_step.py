@@ -54,8 +54,8 @@ def test_compiled_steps_equal_eager_steps(generation):
 
 
 def test_compiled_generate_equals_eager_and_reuses_its_compilation():
-    """Greedy and beam search give the eager tokens; a second length or model of the same config compiles at most
-    once more (the cache length becomes dynamic), and nothing after that compiles again."""
+    """Greedy and beam search give the eager tokens; other lengths and a second model of the same config reuse the
+    first compilation (the cache length is dynamic from the start)."""
     model, inputs = tiny_model(2), prompts(2)
     other = copy.deepcopy(model)
     want = {n: generate(model, **inputs, max_new_tokens=n, eos_token_id=[]) for n in (6, 9, 12)}
@@ -64,12 +64,12 @@ def test_compiled_generate_equals_eager_and_reuses_its_compilation():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert torch.equal(generate(model, **inputs, max_new_tokens=6, eos_token_id=[], runtime=runtime), want[6])
-        assert torch.equal(generate(model, **inputs, max_new_tokens=9, eos_token_id=[], runtime=runtime), want[9])
         settled = graphs()
+        assert torch.equal(generate(model, **inputs, max_new_tokens=9, eos_token_id=[], runtime=runtime), want[9])
         assert torch.equal(generate(model, **inputs, max_new_tokens=12, eos_token_id=[], runtime=runtime), want[12])
         assert torch.equal(generate(other, **inputs, max_new_tokens=12, eos_token_id=[], runtime=compiled_runtime(other)),
                            want[12])
-        assert graphs() == settled, "a third cache length or a second model of the same config compiled again"
+        assert graphs() == settled, "another cache length or a second model of the same config compiled again"
         assert torch.equal(generate(model, **inputs, max_new_tokens=5, num_beams=2, runtime=runtime), beams)
     assert list(runtime.compiled) == [decode_step]
     assert len(set(want[12].flatten().tolist())) > 2, "the test model should not repeat one token"
@@ -135,18 +135,24 @@ def test_compile_on_the_cpu_needs_the_cpu_kernels_off():
 @cuda
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_cuda_compiled_graph_steps_equal_eager_steps(quantize):
+    """In bf16 the compiled graph's logits are as close to an fp32 run of the same weights as the eager step's are
+    (they round in other places, so they are not the eager step's bit for bit)."""
     model, inputs = tiny_model(2, torch.bfloat16, "cuda"), prompts(2, "cuda", torch.bfloat16)
-    eager_model = copy.deepcopy(model)
-    eager, tokens, _ = teacher_forced(eager_model, inputs, steps=10,
-                                      runtime=prepare(eager_model, quantize=quantize, cuda_graphs=False))
+    models = {dtype: copy.deepcopy(model).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    fp32, tokens, _ = teacher_forced(models[torch.float32], {k: v.float() if v.is_floating_point() else v
+                                                             for k, v in inputs.items()}, steps=10,
+                                     runtime=prepare(models[torch.float32], quantize=quantize, cuda_graphs=False))
+    eager, _, _ = teacher_forced(models[torch.bfloat16], inputs, steps=10, tokens=tokens,
+                                 runtime=prepare(models[torch.bfloat16], quantize=quantize, cuda_graphs=False))
     runtime = prepare(model, quantize=quantize, compile=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got, _, state = teacher_forced(model, inputs, steps=10, tokens=tokens, runtime=runtime)
     messages = [str(w.message) for w in caught]
     assert state.graph is not None and not runtime.compiled[decode_step].failed, messages
-    err, scale = (got - eager).abs().max(), eager.abs().max()
-    assert err <= 2e-2 * scale, f"the compiled graph's logits differ by {err:.3g} (scale {scale:.3g})"
+    scale = fp32.abs().max()
+    err, eager_err = (got.float() - fp32).abs().max(), (eager.float() - fp32).abs().max()
+    assert err <= 1.5 * eager_err + 1e-3 * scale, f"compiled graph off by {err:.3g}, eager bf16 {eager_err:.3g}"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         first = generate(model, **inputs, max_new_tokens=8, eos_token_id=[], runtime=runtime)

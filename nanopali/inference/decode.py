@@ -144,8 +144,8 @@ def relayout(parts: list[tuple[DecodeState, torch.Tensor]], room: int) -> Decode
     positions, b = [], 0
     for (state, rows), first in zip(parts, spans):
         n, src, dst = len(rows), slice(first, state.slot), slice(width - (state.slot - first), width)
-        cache.k[:, b:b + n, :, dst] = state.cache.k[:, rows, :, src]
-        cache.v[:, b:b + n, :, dst] = state.cache.v[:, rows, :, src]
+        for to, fro in zip(cache.k + cache.v, state.cache.k + state.cache.v):  # each layer's k, then each v
+            to[b:b + n, :, dst] = fro[rows, :, src]
         kv_valid[b:b + n, dst] = state.kv_valid[rows, src]
         kv_prefix[b:b + n, dst] = state.kv_prefix[rows, src]
         kv_pos[b:b + n, dst] = state.kv_pos[rows, src]
