@@ -564,3 +564,22 @@ def test_a_prepared_model_deep_copies_and_pickles(bf16_model, quantize):
             layer.scale.mul_(2)
         assert not torch.equal(forced_logits(twin, inputs, runtime), want)
         assert torch.equal(forced_logits(model, inputs, runtime), want)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_preparing_again_takes_the_new_runtime(bf16_model, quantize):
+    """A prepared model (or its copy) prepared again computes with the new runtime's kernels everywhere: with
+    cpu_kernels=False, the plain path's logits bit for bit, and no native call."""
+    model, cfg = bf16_model
+    plain = copy.deepcopy(model)
+    model = copy.deepcopy(model)
+    prepare(model, quantize=quantize, force_path="native").kernels.chooser.measure = True
+    inputs = {k: v[:1] for k, v in batch(cfg).items()}
+    with torch.no_grad():
+        want = forced_logits(plain, inputs, prepare(plain, quantize=quantize, cpu_kernels=False))
+        for target in (model, copy.deepcopy(model)):
+            runtime = prepare(target, cpu_kernels=False)
+            users = [m for m in target.modules() if hasattr(m, "kernels")]
+            assert users and all(m.kernels is runtime.kernels for m in users)
+            assert all(layer.self_attn.attend == runtime.kernels.attention for layer in target.decoder.layers)
+            assert torch.equal(forced_logits(target, inputs, runtime), want)

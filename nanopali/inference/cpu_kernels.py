@@ -540,7 +540,7 @@ class FastDecoderLayer(GemmaDecoderLayer):
 
     def __getstate__(self) -> dict:
         """A copy or a pickle makes its own spec at its first step: this one points into the original's weights."""
-        return {**self.__dict__, "_spec": None, "_cache": _no_cache}
+        return {**super().__getstate__(), "_spec": None, "_cache": _no_cache}
 
     def native_spec(self) -> native.Layer | None:
         """The native.Layer of this layer's current modules and weights, or None where one of them has no kernel."""
@@ -584,6 +584,17 @@ def _replacement(module: nn.Module, kernels: CpuKernels) -> nn.Module | None:
     if type(module) is nn.Linear:
         return FastLinear(module, kernels)
     return None
+
+
+def adopt(model: nn.Module, kernels: CpuKernels) -> None:
+    """Point every module of `model` that computes with some CpuKernels (Fast* and quantized modules, attention
+    layers given `attend`) at `kernels`: a model prepared again, or a prepared model's copy, then follows the new
+    runtime (its path, its chooser, cpu_kernels=False), not the kernels it was first prepared with."""
+    for module in model.modules():
+        if isinstance(getattr(module, "kernels", None), CpuKernels):
+            module.kernels = kernels
+        if isinstance(module, GemmaAttention) and isinstance(getattr(module.attend, "__self__", None), CpuKernels):
+            module.attend = kernels.attention
 
 
 def install(model: PaliGemma, kernels: CpuKernels) -> nn.Module:

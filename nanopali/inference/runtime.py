@@ -18,8 +18,8 @@ import torch
 
 from nanopali.errors import UsageError
 from nanopali.inference.compiled import CompiledStep
-from nanopali.inference.cpu_kernels import MEASURE_MIN_PARAMS, PLAIN, CpuKernels, install
-from nanopali.inference.quantize import QUANTIZED, check_mode, quantized_mode
+from nanopali.inference.cpu_kernels import MEASURE_MIN_PARAMS, PLAIN, CpuKernels, adopt, install
+from nanopali.inference.quantize import check_mode, quantized_mode
 from nanopali.inference.quantize import quantize as quantize_model
 from nanopali.models.gemma import GemmaDecoder
 from nanopali.models.paligemma import PaliGemma
@@ -78,9 +78,7 @@ def prepare(model: PaliGemma, quantize: str | None = None, cpu_kernels: bool = T
             quantize_model(model, quantize, kernels=kernels)
         elif mode != quantize:
             raise UsageError(f"the model was quantized to {mode} already; it cannot be prepared as {quantize}")
-    for module in model.modules():  # layers quantized before (load_quantized) compute with these kernels too
-        if isinstance(module, QUANTIZED):
-            module.kernels = kernels
+    adopt(model, kernels)  # modules quantized before (load_quantized) or prepared before follow these kernels
     if cpu_kernels and not compile:
         install(model, kernels)
     model.eval()
