@@ -297,8 +297,10 @@ def worker(args) -> dict:
         gpu_after_load_gib=gpu_after_load, peak_gpu_gib=peak_gpu_gib(),
         cuda_graph=getattr(state, "graph", None) is not None,  # nanopali's last decode replayed a CUDA graph
         tokens=torch.stack(tokens, 1)[0].tolist(),
-        # a compiled step that failed runs eagerly (with a warning): say so beside its numbers
-        compiled=any(not step.failed for step in fw.runtime.compiled.values()) if hasattr(fw, "runtime") else False,
+        # a compiled step that failed runs eagerly (with a warning), and so does one Dynamo was switched off for
+        # (TORCHDYNAMO_DISABLE): say so beside its numbers
+        compiled=(hasattr(fw, "runtime") and any(not step.failed for step in fw.runtime.compiled.values())
+                  and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0),
         one_row=(one_row_path(fw.runtime.kernels) if args.worker.startswith("nanopali") and args.device == "cpu"
                  and fw.runtime.kernels.enabled else None),
     )
