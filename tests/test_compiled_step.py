@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_batching import PROMPTS, alone
+from test_batching import run as run_batch
 from test_cuda_graphs import prompts, teacher_forced, tiny_model
 from tiny_checkpoint import write_tiny_checkpoint
 from torch._dynamo.utils import counters
@@ -121,6 +123,23 @@ def test_the_pipeline_passes_compile_to_its_runtime(tmp_path):
         got = pali.caption(Image.fromarray(image), max_new_tokens=6)
     assert pali.runtime.compile and graphs() > before
     assert got == eager.caption(Image.fromarray(image), max_new_tokens=6)
+
+
+def test_a_continuous_batch_with_the_compiled_step_answers_as_each_row_alone(tmp_path):
+    """Rows joining and leaving a running batch (a server's requests: the batch size and cache length change
+    between steps) get from the compiled step what each gets alone from the eager one."""
+    path = write_tiny_checkpoint(tmp_path, generation=2)
+    eager, pali = nanopali.load(path, fast=False), nanopali.load(path, fast=False, compile=True)
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (20 + 7 * i, 40 - 3 * i, 3), dtype=np.uint8) for i in range(3)]
+    lengths = [12, 5, 9]
+    rows = [pali.row(image, prompt, max_new_tokens=n) for image, prompt, n in zip(images, PROMPTS, lengths)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_batch(pali.batch(), rows, join_at=[0, 2, 4])
+    assert pali.runtime.compiled and not pali.runtime.compiled[decode_step].failed
+    for row, image, prompt, n in zip(rows, images, PROMPTS, lengths):
+        assert row.answer.text == alone(eager, image, prompt, max_new_tokens=n).text, prompt
 
 
 def test_compile_on_the_cpu_needs_the_cpu_kernels_off():
