@@ -238,6 +238,36 @@ static inline void dot_w8a8(const int8_t *const *w, long rows, const int8_t *xq,
         }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define BLOCK_SCALES 4096  /* x's block scales row_w8a8<true> takes from the stack: K up to 131072 */
+/* Σ_b xscale_b Σ_{k in b} q_x[k] r[k] for one weight row r: x's scale per 4-byte lane from lane_scale, or
+   (BLOCKS) per block of 32 from bs, two to a register by a permute. */
+template <bool BLOCKS>
+static inline float row_w8a8(const int8_t *r, const int8_t *xq, const float *lane_scale, const float *bs, long K) {
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 64 <= K; k += 64) {  /* two accumulators, alternating: two fused multiply-add chains */
+        /* 8 KiB ahead in the stream (rows are contiguous): 36 -> 40 and 51 -> 57 GB/s from memory on Zen 5
+           (2 threads, A/B); 2 KiB gained nothing, 12-32 KiB the same as 8. The bf16 and int4 loops gain
+           nothing from more than they have. */
+        _mm_prefetch((const char *)(r + k) + 8192, _MM_HINT_T0);
+        __m512i xv = _mm512_loadu_si512(xq + k), wv = _mm512_loadu_si512(r + k);
+        __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(xv), sw);
+        __m512 ls = BLOCKS ? _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(
+                                 _mm_castpd_ps(_mm_load_sd((const double *)(bs + k / 32)))))
+                           : _mm512_loadu_ps(lane_scale + k / 4);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls, a0);
+        __m512 t = a0; a0 = a1; a1 = t;
+    }
+    const int8_t *rest = r + k;
+    float tail;  /* the last 32 columns, if K % 64: dot_w8a8's loop for one row */
+    dot_w8a8(&rest, 1, xq + k, lane_scale + k / 4, K - k, &tail);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail;
+}
+#endif
+
 /* y[m, n] = wscale[n] * sum_b xscale_{m,b} * sum_{k in b} q_x[m, k] w[n, k] for M rows of x (M, K) fp32, quantized
    here into xq (M, K) and lane_scale (M, K / 4); each weight row is read once for all M rows. */
 extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, float *y, long M, long N, long K,
@@ -246,27 +276,18 @@ extern "C" void gemv_w8a8(const float *x, const int8_t *w, const float *wscale, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (M == 1) {
         /* One row of x: each weight row on its own, start to end. Four rows at once are four short streams (2 KiB
-           each at K = 2048), which the hardware prefetcher follows worse than one: 32 -> 40 GB/s on Zen 5, A/B. */
+           each at K = 2048), which the hardware prefetcher follows worse than one: 32 -> 40 GB/s on Zen 5, A/B.
+           Long rows take x's scales one per block of 32 (row_w8a8<true>): the lane scales take K bytes, as many as
+           xq, and the 2 K bytes re-read for every row fell out of L1 beside the weight stream at K = 16384 (+11-13 %
+           from memory there, A/B); short rows keep the lane scales, one load (-6 to -15 % in cache the other way). */
+        if (K > 4096 && K / 32 <= BLOCK_SCALES) {
+            float bs[BLOCK_SCALES];
+            for (long b = 0; b < K / 32; b++) bs[b] = lane_scale[b * 8];
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (long n = 0; n < N; n++) {
-            const int8_t *r = w + n * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            long k = 0;
-            for (; k + 64 <= K; k += 64) {  /* two accumulators, alternating: two fused multiply-add chains */
-                /* 8 KiB ahead in the stream (rows are contiguous): 36 -> 40 and 51 -> 57 GB/s from memory on Zen 5
-                   (2 threads, A/B); 2 KiB gained nothing, 12-32 KiB the same as 8. The bf16 and int4 loops gain
-                   nothing from more than they have. */
-                _mm_prefetch((const char *)(r + k) + 8192, _MM_HINT_T0);
-                __m512i xv = _mm512_loadu_si512(xq + k), wv = _mm512_loadu_si512(r + k);
-                __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(xv), sw);
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lane_scale + k / 4), a0);
-                __m512 t = a0; a0 = a1; a1 = t;
-            }
-            const int8_t *rest = r + k;
-            float tail;  /* the last 32 columns, if K % 64: dot_w8a8's loop for one row */
-            dot_w8a8(&rest, 1, xq + k, lane_scale + k / 4, K - k, &tail);
-            y[n] = (_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail) * wscale[n];
+            for (long n = 0; n < N; n++) y[n] = row_w8a8<true>(w + n * K, xq, lane_scale, bs, K) * wscale[n];
+        } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (long n = 0; n < N; n++) y[n] = row_w8a8<false>(w + n * K, xq, lane_scale, nullptr, K) * wscale[n];
         }
         return;
     }
